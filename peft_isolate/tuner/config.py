@@ -1,0 +1,116 @@
+"""`IsolationConfig`: which linear weights get a sparse delta, and where its support comes from."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft.config import PeftConfig
+
+from .._io import open_tensors
+from ._peft_type import ensure_peft_type
+
+INIT_CHOICES = ("random", "magnitude", "regions")
+
+
+@dataclass
+class IsolationConfig(PeftConfig):
+    """Configuration of an isolation adapter: a sparse delta per targeted linear weight, W = W_base + Delta.
+
+    Each entry of the delta's support is *trainable*, *held* (in the forward, not trained now) or *locked*
+    (a frozen core: never trainable). Index sets are stored in the adapter file, never in the config.
+
+    Args:
+        target_modules (`Union[list[str], str]`, *optional*):
+            Module names or a regex of the linear layers to adapt; `"all-linear"` picks every linear layer except
+            the output layer.
+        exclude_modules (`Union[list[str], str]`, *optional*):
+            Module names or a regex of layers not to adapt.
+        density (`float`, defaults to `0.01`):
+            Fraction of each targeted weight that is trainable, in (0, 1], when `init` is `random` or `magnitude`.
+        init (`str`, defaults to `"random"`):
+            How the support is chosen: `random` (seeded), `magnitude` (largest |W_base|) or `regions` (the entries
+            of the core-regions file `regions`).
+        regions (`str`, *optional*):
+            Path to a core-regions file (safetensors) giving the trainable support; requires `init="regions"`.
+        frozen (`str`, *optional*):
+            Path to a core-regions file whose entries are locked: never trainable, delta held at zero.
+        seed (`int`, defaults to `0`):
+            Seed of the random support (combined with each module's name).
+        init_weights (`bool`, defaults to `True`):
+            Start from a zero delta (the adapter equals the base). `False` draws small random values (for tests).
+        modules_to_save (`list[str]`, *optional*):
+            Modules apart from the isolation layers to train fully and save in the checkpoint.
+    """
+
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Module names or regex of the linear layers to adapt; 'all-linear' for every one."},
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Module names or regex of layers not to adapt."}
+    )
+    density: float = field(
+        default=0.01,
+        metadata={
+            "help": "Fraction in (0, 1] of each targeted weight that is trainable (init random/magnitude)."
+        },
+    )
+    init: Literal["random", "magnitude", "regions"] = field(
+        default="random", metadata={"help": "Support selection: 'random' (seeded), 'magnitude' or 'regions'."}
+    )
+    regions: str | None = field(
+        default=None, metadata={"help": "Core-regions file (safetensors) giving the trainable support."}
+    )
+    frozen: str | None = field(
+        default=None, metadata={"help": "Core-regions file whose entries are locked: never trainable."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the random support, combined with module names."})
+    init_weights: bool = field(
+        default=True, metadata={"help": "Zero initial delta; False draws small random values (tests only)."}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Other modules to train fully and save in the checkpoint."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = ensure_peft_type("ISOLATION")
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if self.init not in INIT_CHOICES:
+            raise ValueError(f"init={self.init!r} is not one of {INIT_CHOICES}")
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(
+                f"density={self.density} must be in (0, 1]: it is the trainable fraction of a weight"
+            )
+        if self.regions is not None and self.init != "regions":
+            raise ValueError(f"a `regions` file is only used with init='regions', not init={self.init!r}")
+        for what in ("regions", "frozen"):
+            path = getattr(self, what)
+            if path is not None and not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"{what}={path!r} does not exist: pass a core-regions .safetensors file"
+                )
+
+    def to_dict(self) -> dict:
+        """Serialise without machine paths: the index sets are saved in the adapter file itself."""
+        d = super().to_dict()
+        d["regions"] = d["frozen"] = None
+        return d
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """Load a saved config; supports are sized from the adapter file, so no regions file is needed."""
+        path = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        weights = os.path.join(path, "adapter_model.safetensors")
+        if os.path.isfile(weights):
+            open_tensors(weights).__exit__(
+                None, None, None
+            )  # a clear error for a truncated file, before any load
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        config._from_saved = True
+        return config

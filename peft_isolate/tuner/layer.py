@@ -1,0 +1,353 @@
+"""The isolation layer: a linear base layer (full precision, 4-bit or 8-bit) plus a sparse delta per adapter."""
+
+from __future__ import annotations
+
+import warnings
+import zlib
+from typing import Any
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.utils.integrations import dequantize_bnb_weight, get_bnb_param_type
+from torch import nn
+
+from ._ops import dense_delta, sparse_delta_linear
+from .config import IsolationConfig
+
+
+def check_index_set(indices: torch.Tensor, numel: int, what: str) -> None:
+    """Raise a `ValueError` naming `what` unless `indices` is a 1-D int32 sorted unique set inside `[0, numel)`."""
+    if indices.dtype != torch.int32 or indices.dim() != 1:
+        raise ValueError(
+            f"{what}: expected a 1-D int32 index tensor, got {indices.dtype} of shape {indices.shape}"
+        )
+    if indices.numel() == 0:
+        return
+    if int(indices[0]) < 0 or int(indices[-1]) >= numel or not bool((indices[1:] > indices[:-1]).all()):
+        bad = (
+            "out of range"
+            if int(indices.min()) < 0 or int(indices.max()) >= numel
+            else "unsorted or duplicated"
+        )
+        raise ValueError(
+            f"{what}: indices are {bad} (need sorted unique flat positions in [0, {numel}) for this weight); "
+            "was the file made for another model?"
+        )
+
+
+class IsolationLayer(BaseTunerLayer):
+    """Per-adapter sparse delta of a linear layer: trainable values and a frozen part (held or locked entries)."""
+
+    adapter_layer_names = ("isolation_values",)
+    other_param_names = (
+        "isolation_indices",
+        "isolation_frozen_indices",
+        "isolation_frozen_values",
+        "isolation_frozen_locked",
+    )
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.isolation_values = nn.ParameterDict({})
+        self.isolation_indices = BufferDict(persistent=True)
+        self.isolation_frozen_indices = BufferDict(persistent=True)
+        self.isolation_frozen_values = BufferDict(persistent=True)
+        self.isolation_frozen_locked = BufferDict(persistent=True)
+        self._disable_adapters = False
+        self.merged_adapters = []
+        base = self.get_base_layer()
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        config: IsolationConfig,
+        indices: torch.Tensor | None = None,
+        locked: torch.Tensor | None = None,
+        module_name: str = "",
+    ) -> None:
+        """Allocate the adapter: support from `indices` or chosen by `config.init`; `locked` entries are frozen."""
+        numel = self.out_features * self.in_features
+        device = self.get_base_layer().weight.device
+        empty = torch.zeros(0, dtype=torch.int32, device=device)
+        locked = empty if locked is None else locked.to(device)
+        check_index_set(locked, numel, f"{module_name}: frozen regions")
+        if getattr(config, "_from_saved", False):
+            indices = empty  # loading: tensors are sized from the adapter file
+        elif indices is None and config.init == "regions":
+            indices = empty  # a module the regions file does not cover: no entries here
+        elif indices is None:
+            indices = self._select_support(config, locked, module_name)
+        indices = indices.to(device)
+        check_index_set(indices, numel, f"{module_name}: regions")
+        if torch.isin(indices, locked).any():
+            raise ValueError(
+                f"{module_name}: the trainable support intersects the frozen set at "
+                f"{int(torch.isin(indices, locked).sum())} entries; remove them from the regions file"
+            )
+        values = torch.zeros(indices.numel(), device=device)
+        if not config.init_weights:
+            gen = torch.Generator().manual_seed(config.seed + zlib.crc32(module_name.encode()))
+            values = (0.01 * torch.randn(indices.numel(), generator=gen)).to(device)
+        self.isolation_values[adapter_name] = nn.Parameter(values)
+        self.isolation_indices[adapter_name] = indices
+        self.isolation_frozen_indices[adapter_name] = locked
+        self.isolation_frozen_values[adapter_name] = torch.zeros(locked.numel(), device=device)
+        self.isolation_frozen_locked[adapter_name] = torch.ones(
+            locked.numel(), dtype=torch.bool, device=device
+        )
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _select_support(
+        self, config: IsolationConfig, locked: torch.Tensor, module_name: str
+    ) -> torch.Tensor:
+        """The `density` fraction of entries by seeded random score or base magnitude, never a locked one."""
+        numel = self.out_features * self.in_features
+        k = min(int(config.density * numel), numel - locked.numel())
+        if config.init == "magnitude":
+            score = dequantized_weight(self.get_base_layer()).float().abs().flatten()
+        else:
+            gen = torch.Generator().manual_seed(config.seed + zlib.crc32(module_name.encode()))
+            score = torch.rand(numel, generator=gen)
+        score[locked.long()] = -1.0
+        return torch.topk(score, k, sorted=False).indices.sort().values.to(torch.int32)
+
+    def _move_adapter_to_device_of_base_layer(
+        self, adapter_name: str, device: torch.device | None = None
+    ) -> None:
+        """Move to the base layer's device but keep dtypes: values stay fp32 even on a bf16 or 4-bit base."""
+        device = device or self.get_base_layer().weight.device
+        for name in self.adapter_layer_names + self.other_param_names:
+            store = getattr(self, name)
+            if adapter_name in store and store[adapter_name].device != torch.device("meta"):
+                store[adapter_name] = store[adapter_name].to(device)
+
+    def _set_parts(self, adapter: str, idx, val, frozen_idx, frozen_val, frozen_locked) -> None:
+        """Replace an adapter's two parts; the trainable values become a new parameter (rebuild the optimizer)."""
+        order = torch.argsort(frozen_idx)
+        requires_grad = self.isolation_values[adapter].requires_grad
+        self.isolation_values[adapter] = nn.Parameter(val.detach().clone(), requires_grad=requires_grad)
+        self.isolation_indices[adapter] = idx.to(torch.int32)
+        self.isolation_frozen_indices[adapter] = frozen_idx[order].to(torch.int32)
+        self.isolation_frozen_values[adapter] = frozen_val[order].detach().clone()
+        self.isolation_frozen_locked[adapter] = frozen_locked[order]
+
+    def _parts(self, adapter: str):
+        return (
+            self.isolation_indices[adapter],
+            self.isolation_values[adapter].detach(),
+            self.isolation_frozen_indices[adapter],
+            self.isolation_frozen_values[adapter],
+            self.isolation_frozen_locked[adapter],
+        )
+
+    def lock_entries(self, adapter: str, region: torch.Tensor) -> int:
+        """Lock every entry of `region` (sorted flat positions): trainable and held ones keep their values,
+        entries outside the support join as zero. Returns how many trainable entries were moved."""
+        idx, val, f_idx, f_val, f_lock = self._parts(adapter)
+        region = region.to(idx.device, torch.int32)
+        moving = torch.isin(idx, region)
+        outside = region[~torch.isin(region, idx) & ~torch.isin(region, f_idx)]
+        self._set_parts(
+            adapter,
+            idx[~moving],
+            val[~moving],
+            torch.cat([f_idx, idx[moving], outside]),
+            torch.cat([f_val, val[moving], torch.zeros(outside.numel(), device=val.device)]),
+            torch.cat(
+                [
+                    f_lock | torch.isin(f_idx, region),
+                    torch.ones(int(moving.sum()) + outside.numel(), dtype=torch.bool, device=idx.device),
+                ]
+            ),
+        )
+        return int(moving.sum())
+
+    def hold_trainable(self, adapter: str) -> int:
+        """Move all trainable entries to the held part (in the forward, not trained). Returns how many."""
+        idx, val, f_idx, f_val, f_lock = self._parts(adapter)
+        held = torch.zeros(idx.numel(), dtype=torch.bool, device=idx.device)
+        self._set_parts(
+            adapter,
+            idx[:0],
+            val[:0],
+            torch.cat([f_idx, idx]),
+            torch.cat([f_val, val]),
+            torch.cat([f_lock, held]),
+        )
+        return idx.numel()
+
+    def add_trainable_entries(
+        self, adapter: str, region: torch.Tensor, values: torch.Tensor | None = None
+    ) -> int:
+        """Make every entry of `region` trainable: held entries keep their value, new ones start at zero, unless
+        `values` (aligned with `region`) are given. Locked entries are refused. Returns the new trainable count."""
+        idx, val, f_idx, f_val, f_lock = self._parts(adapter)
+        region = region.to(idx.device, torch.int32)
+        hit = torch.isin(f_idx, region)
+        if (hit & f_lock).any():
+            first = int(f_idx[hit & f_lock][0])
+            raise ValueError(
+                f"{int((hit & f_lock).sum())} requested entries are locked (frozen cores can never be trained "
+                f"again), e.g. flat position {first}: remove them from the regions to train"
+            )
+        new = region[~torch.isin(region, idx) & ~torch.isin(region, f_idx)]
+        all_idx = torch.cat([idx, f_idx[hit], new])
+        all_val = torch.cat([val, f_val[hit], torch.zeros(new.numel(), device=val.device)])
+        all_idx, order = torch.sort(all_idx)
+        all_val = all_val[order]
+        if values is not None:
+            all_val[torch.isin(all_idx, region)] = values.to(all_val)
+        self._set_parts(adapter, all_idx, all_val, f_idx[~hit], f_val[~hit], f_lock[~hit])
+        return all_idx.numel()
+
+
+def dequantized_weight(base: nn.Module) -> torch.Tensor:
+    """The base weight as a dense float tensor (dequantized for bitsandbytes 4-bit and 8-bit layers)."""
+    weight = base.weight
+    if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+        # bitsandbytes repacks 4-bit weights for its CPU inference kernel; dequantize needs the standard layout
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+            weight.data, weight.quant_state
+        )
+    if get_bnb_param_type(weight):
+        return dequantize_bnb_weight(base.weight, state=getattr(base, "state", None)).float()
+    return base.weight.data
+
+
+def _store_weight(base: nn.Module, weight: torch.Tensor) -> None:
+    """Write a dense weight back into `base`, requantizing for bitsandbytes layers (this rounds)."""
+    import bitsandbytes as bnb
+
+    old = base.weight
+    kind = get_bnb_param_type(old)
+    if kind == "4bit":
+        kwargs = {k: v for k, v in old.__dict__.items() if not k.startswith("_") and k != "data"}
+        kwargs.update(bnb_quantized=False, requires_grad=False)
+        base.weight = bnb.nn.Params4bit(weight.to("cpu"), **kwargs).to(old.device)
+    else:
+        base.weight = bnb.nn.Int8Params(
+            weight.to("cpu"), requires_grad=False, has_fp16_weights=old.has_fp16_weights
+        ).to(old.device)
+        base.state.reset_grads()
+
+
+class Linear(nn.Module, IsolationLayer):
+    """An isolation adapter on `nn.Linear`, bitsandbytes `Linear4bit` or `Linear8bitLt`."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: IsolationConfig, **kwargs) -> None:
+        super().__init__()
+        IsolationLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, **kwargs)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """Size each adapter's tensors from the incoming state dict (supports differ per module) after checking it."""
+        for adapter in list(self.isolation_values.keys()):
+            keys = {
+                name: f"{prefix}{name}.{adapter}"
+                for name in self.adapter_layer_names + self.other_param_names
+            }
+            if not all(k in state_dict for k in keys.values()):
+                continue
+            self._check_incoming({n: state_dict[k] for n, k in keys.items()}, f"{prefix}*.{adapter}")
+            for name, key in keys.items():
+                store, incoming = getattr(self, name), state_dict[key]
+                if store[adapter].shape != incoming.shape:
+                    old = store[adapter]
+                    fresh = torch.empty(incoming.shape, dtype=old.dtype, device=old.device)
+                    store[adapter] = (
+                        nn.Parameter(fresh, old.requires_grad) if isinstance(old, nn.Parameter) else fresh
+                    )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _check_incoming(self, t: dict[str, torch.Tensor], where: str) -> None:
+        numel = self.out_features * self.in_features
+        check_index_set(t["isolation_indices"], numel, f"{where} isolation_indices")
+        check_index_set(t["isolation_frozen_indices"], numel, f"{where} isolation_frozen_indices")
+        for values, indices in (
+            ("isolation_values", "isolation_indices"),
+            ("isolation_frozen_values", "isolation_frozen_indices"),
+        ):
+            if t[values].shape != t[indices].shape or not t[values].is_floating_point():
+                raise ValueError(f"{where}: {values} must be floats, one per entry of {indices}")
+        if t["isolation_frozen_locked"].shape != t["isolation_frozen_indices"].shape:
+            raise ValueError(f"{where}: isolation_frozen_locked must have one flag per frozen entry")
+        if torch.isin(t["isolation_indices"], t["isolation_frozen_indices"]).any():
+            raise ValueError(f"{where}: trainable and frozen entries overlap; the adapter file is corrupt")
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """The adapter's full delta (trainable + frozen) as a dense `[out, in]` float tensor."""
+        idx, val, f_idx, f_val, _ = self._parts(adapter)
+        dtype = self.get_base_layer().weight.dtype
+        dtype = dtype if dtype.is_floating_point else torch.float32
+        return dense_delta(torch.cat([idx, f_idx]), torch.cat([val, f_val]), self.shape, dtype)
+
+    def _apply_delta(self, adapter: str, sign: float, safe_merge: bool = False) -> None:
+        base = self.get_base_layer()
+        quantized = bool(get_bnb_param_type(base.weight))
+        if quantized:
+            warnings.warn(
+                "Merging into a quantized base dequantizes, adds and requantizes: this rounds.", stacklevel=3
+            )
+        weight = dequantized_weight(base)
+        weight = weight.clone() if safe_merge or quantized else weight
+        idx, val, f_idx, f_val, _ = self._parts(adapter)
+        flat = weight.view(-1)
+        flat.index_add_(0, idx.long(), (sign * val).to(flat.dtype))
+        flat.index_add_(0, f_idx.long(), (sign * f_val).to(flat.dtype))
+        if safe_merge and not torch.isfinite(weight).all():
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+        if quantized:
+            _store_weight(base, weight)
+        elif safe_merge:
+            base.weight.data = weight
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the active (or named) adapters' deltas into the base weight."""
+        for adapter in check_adapters_to_merge(self, adapter_names):
+            if adapter in self.isolation_values:
+                self._apply_delta(adapter, 1.0, safe_merge)
+                self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        """Subtract merged deltas again, last merged first."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter in self.isolation_values:
+                self._apply_delta(adapter, -1.0)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for adapter in self.active_adapters:
+            if adapter not in self.isolation_values:
+                continue
+            result = result + sparse_delta_linear(
+                x,
+                self.isolation_indices[adapter],
+                self.isolation_values[adapter],
+                self.isolation_frozen_indices[adapter],
+                self.isolation_frozen_values[adapter],
+                self.shape,
+            ).to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "isolation." + super().__repr__()

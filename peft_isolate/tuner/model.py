@@ -1,0 +1,142 @@
+"""`IsolationModel`: injects isolation layers and moves entries between trainable, held and locked."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+
+from .config import IsolationConfig
+from .layer import IsolationLayer, Linear
+
+Regions = Mapping[str, torch.Tensor] | str | os.PathLike
+
+
+def _as_index_sets(regions: Regions) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, ...]]]:
+    """Regions as {parameter name: sorted int32 flat positions} and their shapes, from a file or a mapping."""
+    if isinstance(regions, str | os.PathLike):
+        from ..regions import CoreRegions
+
+        regions = CoreRegions.load(regions)
+    shapes = dict(getattr(regions, "shapes", {}))
+    return {name: regions[name] for name in regions}, shapes
+
+
+class IsolationModel(BaseTuner):
+    """Sparse-delta fine-tuning on a frozen base: the tuner behind `IsolationConfig`.
+
+    Stage control for CPI-FT: `lock` freezes core regions for good, `hold` stops training the current entries
+    while keeping them in the forward, `add_trainable` opens new or held entries. After any of them, rebuild
+    the optimizer: the trainable values are new parameters.
+    """
+
+    prefix: str = "isolation_"
+    tuner_layer_cls = IsolationLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        """Read the config's regions and frozen files once, inject, then refuse names that matched no layer."""
+        config = self.peft_config[adapter_name]
+        if config.init == "regions" and config.regions is None and not getattr(config, "_from_saved", False):
+            raise ValueError("init='regions' needs `regions`: the path of a core-regions .safetensors file")
+        self._index_sets = {
+            what: _as_index_sets(path) if path else ({}, {})
+            for what, path in (("regions", config.regions), ("frozen", config.frozen))
+        }
+        self._unused = {what: set(sets) for what, (sets, _) in self._index_sets.items()}
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        finally:
+            unused = self.__dict__.pop("_unused")
+            del self._index_sets
+        for what, names in unused.items():
+            if names:
+                raise ValueError(
+                    f"{what} file names {len(names)} parameters that are not targeted linear weights of this model, "
+                    f"e.g. {sorted(names)[0]!r}: target them (target_modules) or use regions made for this model"
+                )
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
+        weight_name = f"{current_key}.weight"
+        kwargs = {"module_name": current_key}
+        for what, key in (("regions", "indices"), ("frozen", "locked")):
+            sets, shapes = self._index_sets[what]
+            if weight_name in sets:
+                shape = (target.out_features, target.in_features)
+                if weight_name in shapes and tuple(shapes[weight_name]) != shape:
+                    raise ValueError(
+                        f"{what} file entry {weight_name} has shape {tuple(shapes[weight_name])} but the model's "
+                        f"weight is {shape}: the file was made for another model"
+                    )
+                kwargs[key] = sets[weight_name]
+                self._unused[what].discard(weight_name)
+        if isinstance(target, IsolationLayer):
+            target.update_layer(adapter_name, config, **kwargs)
+            return
+        new_module = self._create_new_module(config, adapter_name, target, **kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _create_new_module(config: IsolationConfig, adapter_name: str, target: nn.Module, **kwargs) -> Linear:
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(
+            base, nn.Linear
+        ):  # bitsandbytes Linear4bit and Linear8bitLt are nn.Linear subclasses
+            raise TypeError(
+                f"Target module {target} is not supported: isolation adapters wrap torch.nn.Linear and "
+                "bitsandbytes Linear4bit / Linear8bitLt layers only"
+            )
+        return Linear(target, adapter_name, config, **kwargs)
+
+    def _isolation_layers(self):
+        for name, module in self.model.named_modules():
+            if isinstance(module, IsolationLayer):
+                yield f"{name}.weight", module
+
+    def _per_layer(self, regions: Regions, adapter_name: str | None, apply) -> int:
+        """Apply `apply(layer, adapter, region, name)` to each layer the regions cover; error on unknown names."""
+        adapter = adapter_name or self.active_adapters[0]
+        sets, _ = _as_index_sets(regions)
+        layers = dict(self._isolation_layers())
+        unknown = sorted(set(sets) - set(layers))
+        if unknown:
+            raise ValueError(
+                f"regions name {unknown[0]!r}, which is not an isolation-adapted weight of this model"
+            )
+        total = 0
+        for name, region in sets.items():
+            try:
+                total += apply(layers[name], adapter, region, name)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from e
+        return total
+
+    def lock(self, regions: Regions, adapter_name: str | None = None) -> int:
+        """Lock every entry of `regions` (a core-regions file or {weight name: indices}); returns how many
+        trainable entries became locked. Locked entries keep their values and can never be trained again."""
+        return self._per_layer(regions, adapter_name, lambda layer, a, r, n: layer.lock_entries(a, r))
+
+    def hold(self, adapter_name: str | None = None) -> int:
+        """Stop training every trainable entry while keeping it in the forward; returns how many."""
+        adapter = adapter_name or self.active_adapters[0]
+        return sum(layer.hold_trainable(adapter) for _, layer in self._isolation_layers())
+
+    def add_trainable(
+        self,
+        regions: Regions,
+        values: Mapping[str, torch.Tensor] | None = None,
+        adapter_name: str | None = None,
+    ) -> int:
+        """Make the entries of `regions` trainable (held ones keep their values, new ones start at zero or at
+        `values[name]`, aligned with the region); refuses locked entries. Returns the trainable count."""
+        return self._per_layer(
+            regions,
+            adapter_name,
+            lambda layer, a, r, n: layer.add_trainable_entries(a, r, None if values is None else values[n]),
+        )

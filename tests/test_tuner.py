@@ -1,0 +1,322 @@
+"""The isolation tuner on a tiny random Llama in full precision, nf4 and int8: the contract of issue 3."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
+from peft.utils.peft_types import PeftType
+
+import peft_isolate
+from peft_isolate import IsolationConfig
+from peft_isolate.tuner._peft_type import ensure_peft_type
+from peft_isolate.tuner.layer import IsolationLayer, dequantized_weight
+
+KINDS = ["fp32", "nf4", "int8"]
+TOKENS = torch.randint(3, 200, (2, 11), generator=torch.Generator().manual_seed(0))
+
+
+def layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, IsolationLayer)}
+
+
+def logits(model, tokens=TOKENS):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def train_steps(model, steps=3, lr=1e-2, weight_decay=0.1):
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
+    )
+    for _ in range(steps):
+        loss = model(TOKENS, labels=TOKENS).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return opt
+
+
+def test_registration_is_idempotent_and_enum_member_exists():
+    assert PeftType.ISOLATION == "ISOLATION" and PeftType("ISOLATION") is PeftType.ISOLATION
+    assert ensure_peft_type("ISOLATION") is PeftType.ISOLATION
+    peft_isolate.tuner.register()
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING
+
+    assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.ISOLATION] is IsolationConfig
+    assert PEFT_TYPE_TO_PREFIX_MAPPING[PeftType.ISOLATION] == "isolation_"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_zero_values_equal_base_exactly(load_tiny, kind):
+    model = load_tiny(kind)
+    ref = logits(model)
+    peft_model = get_peft_model(model, IsolationConfig(target_modules="all-linear", density=0.05))
+    assert torch.equal(logits(peft_model), ref)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_only_sparse_values_train(load_tiny, kind):
+    model = load_tiny(kind)
+    peft_model = get_peft_model(model, IsolationConfig(target_modules="all-linear", density=0.05))
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all(".isolation_values." in n for n in trainable)
+    opt = train_steps(peft_model)
+    with_grad = {n for n, p in peft_model.named_parameters() if p.grad is not None}
+    assert with_grad <= trainable
+    state_ids = set(opt.state)
+    assert state_ids == {p for p in peft_model.parameters() if p.requires_grad}
+    layer = next(iter(layers(peft_model).values()))
+    k = layer.isolation_indices["default"].numel()
+    assert k == int(0.05 * layer.in_features * layer.out_features)
+    assert layer.isolation_values["default"].dtype == torch.float32
+    assert layer.isolation_indices["default"].dtype == torch.int32
+
+
+def _stage_model(load_tiny, kind):
+    """An adapter with trained values, then a third of each support locked and a third held."""
+    model = load_tiny(kind)
+    peft_model = get_peft_model(
+        model, IsolationConfig(target_modules="all-linear", density=0.1, init_weights=False)
+    )
+    lock, keep = {}, {}
+    for name, layer in layers(peft_model.base_model.model).items():
+        idx = layer.isolation_indices["default"]
+        lock[f"{name}.weight"] = idx[0::3]
+        keep[f"{name}.weight"] = idx[1::3]
+    peft_model.base_model.lock(lock)
+    peft_model.base_model.hold()
+    peft_model.base_model.add_trainable(keep)
+    return peft_model
+
+
+def _locked_effective_weights(peft_model):
+    """The effective weight (base + delta) at every frozen entry, from a merged copy."""
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    out = {}
+    for name, layer in layers(peft_model.base_model.model).items():
+        module = merged.get_submodule(name)
+        frozen = layer.isolation_frozen_indices["default"].long()
+        out[name] = dequantized_weight(module).flatten()[frozen].clone()
+    return out
+
+
+@pytest.mark.parametrize("kind", ["fp32", "nf4"])
+def test_frozen_values_bit_identical_after_adamw_with_weight_decay(load_tiny, kind):
+    peft_model = _stage_model(load_tiny, kind)
+    before = {
+        n: (l.isolation_frozen_values["default"].clone(), l.isolation_values["default"].detach().clone())
+        for n, l in layers(peft_model).items()
+    }
+    eff_before = _locked_effective_weights(peft_model) if kind == "fp32" else None
+    train_steps(peft_model, steps=3, lr=1e-2, weight_decay=0.5)
+    moved = 0
+    for name, layer in layers(peft_model).items():
+        assert torch.equal(layer.isolation_frozen_values["default"], before[name][0])
+        moved += int((layer.isolation_values["default"].detach() != before[name][1]).sum())
+    assert moved > 0
+    if kind == "fp32":
+        eff_after = _locked_effective_weights(peft_model)
+        assert all(torch.equal(eff_before[n], eff_after[n]) for n in eff_before)
+
+
+def test_stage_operations_move_entries_between_parts(load_tiny):
+    peft_model = _stage_model(load_tiny, "fp32")
+    for layer in layers(peft_model).values():
+        locked = layer.isolation_frozen_locked["default"]
+        assert locked.sum() > 0 and (~locked).sum() > 0  # locked and held entries present
+        support = torch.cat([layer.isolation_indices["default"], layer.isolation_frozen_indices["default"]])
+        assert support.unique().numel() == support.numel()
+    name, layer = next(iter(layers(peft_model.base_model.model).items()))
+    locked_entry = layer.isolation_frozen_indices["default"][layer.isolation_frozen_locked["default"]][:1]
+    with pytest.raises(ValueError, match="locked"):
+        peft_model.base_model.add_trainable({f"{name}.weight": locked_entry})
+    held = layer.isolation_frozen_indices["default"][~layer.isolation_frozen_locked["default"]][:2]
+    held_values = layer.isolation_frozen_values["default"][~layer.isolation_frozen_locked["default"]][
+        :2
+    ].clone()
+    peft_model.base_model.add_trainable({f"{name}.weight": held})
+    where = torch.isin(layer.isolation_indices["default"], held)
+    assert torch.equal(layer.isolation_values["default"].detach()[where], held_values)
+    given = torch.tensor([0.5, -0.5])
+    fresh = torch.tensor([0, 1], dtype=torch.int32)
+    fresh = fresh[
+        ~torch.isin(
+            fresh, torch.cat([layer.isolation_indices["default"], layer.isolation_frozen_indices["default"]])
+        )
+    ]
+    peft_model.base_model.add_trainable(
+        {f"{name}.weight": fresh}, values={f"{name}.weight": given[: fresh.numel()]}
+    )
+    where = torch.isin(layer.isolation_indices["default"], fresh)
+    assert torch.equal(layer.isolation_values["default"].detach()[where], given[: fresh.numel()])
+
+
+def _dense_reference_grads(layer, x, grad_out):
+    """Gradient of a dense W = base + delta at the support, by plain autograd."""
+    w = (
+        dequantized_weight(layer.get_base_layer()).float() + layer.get_delta_weight("default")
+    ).requires_grad_()
+    y = x @ w.T
+    y.backward(grad_out)
+    return w.grad.flatten()[layer.isolation_indices["default"].long()], y
+
+
+@pytest.mark.parametrize("kind", ["fp32", "nf4"])
+def test_value_gradient_is_dense_weight_gradient_at_indices(load_tiny, kind):
+    peft_model = _stage_model(load_tiny, kind)
+    layer = peft_model.base_model.model.model.layers[0].mlp.down_proj
+    x = torch.randn(3, 5, layer.in_features)
+    grad_out = torch.randn(3, 5, layer.out_features)
+    y = layer(x)
+    y.backward(grad_out)
+    ref_grad, ref_y = _dense_reference_grads(layer, x.detach(), grad_out)
+    torch.testing.assert_close(layer.isolation_values["default"].grad, ref_grad, rtol=1e-4, atol=1e-5)
+    if kind == "fp32":
+        torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merged_forward_equals_unmerged(load_tiny, kind):
+    model = load_tiny(kind)
+    base_ref = logits(model)
+    peft_model = get_peft_model(
+        model, IsolationConfig(target_modules="all-linear", density=0.1, init_weights=False)
+    )
+    unmerged = logits(peft_model)
+    assert not torch.equal(unmerged, base_ref)
+    with pytest.warns(UserWarning, match="rounds") if kind != "fp32" else _nullcontext():
+        peft_model.merge_adapter()
+    merged = logits(peft_model)
+    if kind == "fp32":
+        torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+    else:
+        # requantizing the merged weight costs one more rounding of the base: bound it by the base's own error
+        quant_error = (logits(load_tiny("fp32")) - base_ref).abs().max()
+        assert (merged - unmerged).abs().max() <= 2 * quant_error
+    peft_model.unmerge_adapter()
+    if kind == "fp32":
+        torch.testing.assert_close(logits(peft_model), unmerged, rtol=1e-5, atol=1e-5)
+        unloaded = peft_model.merge_and_unload()
+        assert not any(isinstance(m, IsolationLayer) for m in unloaded.modules())
+        torch.testing.assert_close(logits(unloaded), unmerged, rtol=1e-5, atol=1e-5)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_disable_unload_and_multiple_adapters(load_tiny):
+    model = load_tiny("fp32")
+    base_ref = logits(model)
+    peft_model = get_peft_model(
+        model, IsolationConfig(target_modules="all-linear", density=0.1, init_weights=False)
+    )
+    first = logits(peft_model)
+    with peft_model.disable_adapter():
+        assert torch.equal(logits(peft_model), base_ref)
+    peft_model.add_adapter(
+        "other", IsolationConfig(target_modules=["q_proj"], density=0.2, init_weights=False, seed=7)
+    )
+    peft_model.set_adapter("other")
+    other = logits(peft_model)
+    assert not torch.equal(other, first)
+    assert all(not p.requires_grad for n, p in peft_model.named_parameters() if ".default" in n)
+    peft_model.set_adapter("default")
+    assert torch.equal(logits(peft_model), first)
+    peft_model.delete_adapter("other")
+    assert all("other" not in n for n, _ in peft_model.named_parameters())
+    assert torch.equal(peft_model.unload()(TOKENS).logits.detach(), base_ref)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "nf4"])
+def test_save_and_reload_bit_identical(load_tiny, tiny_dir, tmp_path, kind):
+    peft_model = _stage_model(load_tiny, kind)
+    train_steps(peft_model, steps=2)
+    expected = logits(peft_model)
+    peft_model.save_pretrained(tmp_path)
+    saved = {n: t.clone() for n, t in peft_model.state_dict().items() if "isolation_" in n}
+    reloaded = PeftModel.from_pretrained(load_tiny(kind), tmp_path, is_trainable=True)
+    got = {n: t for n, t in reloaded.state_dict().items() if "isolation_" in n}
+    assert saved.keys() == got.keys()
+    assert all(torch.equal(saved[n], got[n]) and saved[n].dtype == got[n].dtype for n in saved)
+    assert torch.equal(logits(reloaded), expected)
+    assert {n for n, p in reloaded.named_parameters() if p.requires_grad} == {
+        n for n, p in peft_model.named_parameters() if p.requires_grad
+    }
+    if kind == "fp32":
+        auto = AutoPeftModelForCausalLM.from_pretrained(tmp_path)
+        assert torch.equal(logits(auto), expected)
+
+
+def test_bf16_base_keeps_fp32_values(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16)
+    peft_model = get_peft_model(model, IsolationConfig(target_modules="all-linear", density=0.05))
+    layer = next(iter(layers(peft_model).values()))
+    assert layer.isolation_values["default"].dtype == torch.float32
+    assert layer.isolation_frozen_values["default"].dtype == torch.float32
+    train_steps(peft_model, steps=1)
+
+
+def test_unknown_target_module_is_named(load_tiny):
+    with pytest.raises(ValueError, match="not_a_module"):
+        get_peft_model(load_tiny(), IsolationConfig(target_modules=["not_a_module"]))
+
+
+def test_bad_config_values():
+    with pytest.raises(ValueError, match="density"):
+        IsolationConfig(density=0.0)
+    with pytest.raises(ValueError, match="init"):
+        IsolationConfig(init="everything")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        IsolationConfig(init="regions", regions="/nowhere.safetensors")
+
+
+def test_truncated_adapter_file_is_a_clear_error(load_tiny, tmp_path):
+    peft_model = get_peft_model(load_tiny(), IsolationConfig(target_modules="all-linear", density=0.05))
+    peft_model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        PeftModel.from_pretrained(load_tiny(), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda t: t + 10**6, "out of range"),
+        (lambda t: t.flip(0), "unsorted or duplicated"),
+        (lambda t: torch.cat([t[:1], t[:-1]]), "unsorted or duplicated"),
+    ],
+)
+def test_bad_indices_in_adapter_file(load_tiny, tmp_path, corrupt, message):
+    from safetensors.torch import load_file, save_file
+
+    peft_model = get_peft_model(load_tiny(), IsolationConfig(target_modules="all-linear", density=0.05))
+    peft_model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith("isolation_indices"))
+    tensors[key] = corrupt(tensors[key]).to(torch.int32)
+    save_file(tensors, path)
+    with pytest.raises(ValueError, match=message):
+        PeftModel.from_pretrained(load_tiny(), tmp_path)
+
+
+def test_trainable_region_intersecting_locked_is_refused(load_tiny):
+    peft_model = get_peft_model(load_tiny(), IsolationConfig(target_modules="all-linear", density=0.05))
+    name, layer = next(iter(layers(peft_model.base_model.model).items()))
+    part = layer.isolation_indices["default"][:3]
+    peft_model.base_model.lock({f"{name}.weight": part})
+    with pytest.raises(ValueError, match="locked"):
+        peft_model.base_model.add_trainable({f"{name}.weight": part})
+    with pytest.raises(ValueError, match="not an isolation-adapted weight"):
+        peft_model.base_model.lock({"model.embed_tokens.weight": part})
