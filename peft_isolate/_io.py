@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -85,3 +86,107 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{path} is truncated or corrupted ({e}): recreate it") from e
         return tensors, dict(f.metadata() or {})
+
+
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class TensorReader:
+    """Read whole tensors or flat element ranges of a safetensors file with pread.
+
+    safe_open maps the file, so every page read stays in the process RSS while the map lives;
+    streaming a checkpoint through it grows RSS to the checkpoint size. pread copies only the
+    bytes asked for into fresh buffers, so memory stays bounded by what the caller holds.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path} does not exist")
+        self._fd = -1
+        self._fd = os.open(self.path, os.O_RDONLY)
+        try:
+            self._header, self._data_start = self._read_header()
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_header(self) -> tuple[dict[str, Any], int]:
+        size = os.fstat(self._fd).st_size
+        bad = f"{self.path} is not a readable safetensors file"
+        fix = "it may be truncated or corrupted: recreate it with the step that wrote it"
+        raw = os.pread(self._fd, 8, 0)
+        n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+        if n <= 0 or 8 + n > size:
+            raise ValueError(f"{bad} (header length {n}, file size {size}); {fix}")
+        try:
+            header = json.loads(os.pread(self._fd, n, 8))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{bad} ({e}); {fix}") from e
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end > size:
+            raise ValueError(f"{bad} (data ends at {8 + n + end} bytes, file has {size}); {fix}")
+        return header, 8 + n
+
+    def names(self) -> list[str]:
+        return [k for k in self._header if k != "__metadata__"]
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._header.get("__metadata__") or {})
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entry(name)["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        code = self._entry(name)["dtype"]
+        if code not in _ST_DTYPES:
+            raise ValueError(f"{self.path}: tensor {name!r} has dtype {code}, which peft-isolate cannot read")
+        return _ST_DTYPES[code]
+
+    def _entry(self, name: str) -> dict[str, Any]:
+        if name not in self._header or name == "__metadata__":
+            raise KeyError(f"{self.path} has no tensor {name!r}")
+        return self._header[name]
+
+    def read(self, name: str, start: int = 0, count: int | None = None) -> torch.Tensor:
+        """Flat elements [start, start + count) of tensor `name` (all of it by default), in its dtype."""
+        dtype = self.dtype(name)
+        numel = math.prod(self.shape(name))
+        count = numel - start if count is None else count
+        if start < 0 or count < 0 or start + count > numel:
+            raise IndexError(f"{name}: range [{start}, {start + count}) outside its {numel} elements")
+        out = torch.empty(count, dtype=dtype)
+        buf = memoryview(out.view(torch.uint8).numpy()) if count else memoryview(b"")
+        offset = self._data_start + self._entry(name)["data_offsets"][0] + start * out.element_size()
+        done = 0
+        while done < len(buf):
+            n = os.preadv(self._fd, [buf[done:]], offset + done)
+            if n == 0:
+                raise ValueError(f"{self.path} ended while reading {name!r}: it is truncated; recreate it")
+            done += n
+        return out
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()

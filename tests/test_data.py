@@ -76,7 +76,9 @@ def test_reasoning_gym_errors():
     with pytest.raises(ValueError, match="not in `config`"):
         load_task("reasoning_gym:chain_sum", config={"seed": 1})
     with pytest.raises(ValueError, match="too few distinct questions"):
-        load_task("reasoning_gym:chain_sum", config={"min_terms": 2, "max_terms": 2, "max_digits": 1}, eval=200)
+        load_task(
+            "reasoning_gym:chain_sum", config={"min_terms": 2, "max_terms": 2, "max_digits": 1}, eval=200
+        )
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet", "disk"])
@@ -128,12 +130,14 @@ def test_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_task(str(tmp_path / "missing.jsonl"))
     bad = write_jsonl(tmp_path / "bad.jsonl", [*ROWS[:3], {"question": "q", "answer": "a"}])
-    with pytest.raises(ValueError, match=r"bad.jsonl row 3 has keys \['answer', 'question'\]; expected.*prompt"):
+    with pytest.raises(
+        ValueError, match=r"bad.jsonl row 3 has keys \['answer', 'question'\]; expected.*prompt"
+    ):
         load_task(bad)
     chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(ValueError, match="row 0: `messages` must"):
         load_task(chat)
-    with pytest.raises(ValueError, match="only 20 are available"):
+    with pytest.raises(ValueError, match="100 train examples but only 19 are available"):
         load_task(write_jsonl(tmp_path / "t.jsonl", ROWS), train=100, eval=1)
     with pytest.raises(ValueError, match="unsupported task file type '.csv'"):
         (tmp_path / "t.csv").write_text("a,b\n")
@@ -181,7 +185,9 @@ def test_collator_pads_right():
 
 
 def _task(name: str, n: int) -> TaskData:
-    return TaskData(name, [Example(({"role": "user", "content": f"{name}{i}"},), "a") for i in range(n)], [], exact_match)
+    return TaskData(
+        name, [Example(({"role": "user", "content": f"{name}{i}"},), "a") for i in range(n)], [], exact_match
+    )
 
 
 def test_sample_is_seeded_without_replacement():

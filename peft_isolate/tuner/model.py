@@ -10,20 +10,21 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
+from ..regions import CoreRegions
 from .config import IsolationConfig
 from .layer import IsolationLayer, Linear
 
-Regions = Mapping[str, torch.Tensor] | str | os.PathLike
+Regions = CoreRegions | Mapping[str, torch.Tensor] | str | os.PathLike
 
 
 def _as_index_sets(regions: Regions) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, ...]]]:
-    """Regions as {parameter name: sorted int32 flat positions} and their shapes, from a file or a mapping."""
+    """Regions as {weight name: sorted int32 flat positions} (non-empty sets only) and the shapes the file
+    records, from a core-regions file, a `CoreRegions` or a plain mapping."""
     if isinstance(regions, str | os.PathLike):
-        from ..regions import CoreRegions
-
         regions = CoreRegions.load(regions)
-    shapes = dict(getattr(regions, "shapes", {}))
-    return {name: regions[name] for name in regions}, shapes
+    if isinstance(regions, CoreRegions):
+        return {n: i for n, i in regions.indices.items() if i.numel()}, regions.shapes
+    return {n: i for n, i in regions.items() if i.numel()}, {}
 
 
 class IsolationModel(BaseTuner):

@@ -1,0 +1,194 @@
+"""One training step of the isolation adapter vs peft QLoRA and SHiRA at equal trainable parameters.
+
+Each (method, density, sequence length) runs in its own process on the same base, batch and tokens, so peak
+memory is not polluted by the others. Reported per step: median time over the timed steps after warm-up, peak
+memory above the loaded model (CPU: sampled RSS; GPU: torch.cuda.max_memory_allocated) and ratios to QLoRA and
+to the floor ("none": base forward + backward to the inputs, no adapter).
+
+    python bench/speed.py                       # SmolLM2-135M nf4 on CPU, density 1%, batch 4 x 128
+    python bench/speed.py --density 0.001 0.01 0.05 --seq 128
+    python bench/speed.py --shape 1b --quant nf4 --seq 256 1024   # GPU: random Llama of TinyLlama-1.1B shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+METHODS = ("none", "qlora", "shira", "isolation")
+SHAPES = {  # random Llama shapes for GPU timing (weights do not matter for speed)
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=32000),
+}
+
+
+def _load(args):
+    """SmolLM2-135M (CPU or GPU) or a random Llama of a larger shape saved once and loaded like a checkpoint."""
+    from peft_isolate.models import load_model
+
+    if args.shape == "smollm2":
+        return load_model("smollm2-135m", quantization=args.quant)[0]
+    import tempfile
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(tempfile.gettempdir()) / f"peft-isolate-bench-{args.shape}"
+    if not path.exists():
+        LlamaForCausalLM(LlamaConfig(**SHAPES[args.shape])).to(torch.bfloat16).save_pretrained(path)
+    return load_model(path, quantization=args.quant)[0]
+
+
+def _linear_sizes(model) -> tuple[int, int]:
+    """(sum of in+out, sum of in*out) over the linear layers an all-linear adapter targets."""
+    import torch.nn as nn
+
+    rows = [(m.in_features, m.out_features) for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not n.endswith("lm_head")]
+    return sum(i + o for i, o in rows), sum(i * o for i, o in rows)
+
+
+def _adapt(model, method: str, density: float):
+    from peft import LoraConfig, ShiraConfig, get_peft_model
+
+    from peft_isolate import IsolationConfig
+
+    fan, numel = _linear_sizes(model)
+    r = max(1, round(density * numel / fan))
+    if method == "none":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.enable_input_require_grads()
+        return model
+    if method == "qlora":
+        cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", lora_dropout=0.0)
+    elif method == "shira":
+        cfg = ShiraConfig(r=r, target_modules="all-linear")
+    else:
+        cfg = IsolationConfig(target_modules="all-linear", density=r * fan / numel)
+    return get_peft_model(model, cfg)
+
+
+class _PeakRSS(threading.Thread):
+    """Samples this process's RSS every 2 ms; `peak` is the maximum seen."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        import psutil
+
+        self.proc, self.peak, self.running = psutil.Process(), 0, True
+
+    def run(self):
+        while self.running:
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.002)
+
+
+def run_one(args) -> dict:
+    """Time `args.steps` training steps of one method in this process."""
+    torch.manual_seed(0)
+    model = _adapt(_load(args), args.method, args.density)
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
+    tokens = torch.randint(0, 1000, (args.batch, args.seq), device=device)
+    n_trainable = sum(p.numel() for p in trainable) if args.method != "none" else 0
+
+    def step():
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        if opt:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up: allocates optimizer state, lets bitsandbytes pack its CPU weights
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base_mem = torch.cuda.memory_allocated()
+    else:
+        import psutil
+
+        base_mem = psutil.Process().memory_info().rss
+        sampler = _PeakRSS()
+        sampler.start()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - base_mem
+    else:
+        sampler.running = False
+        sampler.join()
+        peak = sampler.peak - base_mem
+    return {"method": args.method, "density": args.density, "seq": args.seq, "trainable": n_trainable,
+            "time_s": statistics.median(times), "peak_mib": peak / 2**20}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="smollm2", choices=["smollm2", *SHAPES])
+    p.add_argument("--quant", default="nf4", choices=["nf4", "none"])
+    p.add_argument("--density", type=float, nargs="+", default=[0.01])
+    p.add_argument("--seq", type=int, nargs="+", default=[128])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--out", default=str(RESULTS / "speed.md"))
+    p.add_argument("--method", help=argparse.SUPPRESS)  # child mode: one measurement, JSON on stdout
+    args = p.parse_args()
+    if args.method:
+        args.density, args.seq = args.density[0], args.seq[0]
+        print(json.dumps(run_one(args)))
+        return
+    rows = []
+    for seq in args.seq:
+        for density in args.density:
+            for method in args.methods:
+                cmd = [sys.executable, __file__, "--method", method, "--shape", args.shape, "--quant", args.quant,
+                       "--density", str(density), "--seq", str(seq), "--batch", str(args.batch),
+                       "--steps", str(args.steps)]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                rows.append(json.loads(out.strip().splitlines()[-1]))
+                print(rows[-1], flush=True)
+    write_table(rows, args)
+
+
+def write_table(rows: list[dict], args) -> None:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (2 cores)"
+    lines = [
+        f"Model: {args.shape} ({args.quant}), batch {args.batch}, {args.steps} timed steps after 1 warm-up, "
+        f"device: {device}, torch {torch.__version__}, date {time.strftime('%Y-%m-%d')}.",
+        "Command: `python bench/speed.py " + " ".join(sys.argv[1:]) + "`",
+        "",
+        "| seq | density | method | trainable | step (s) | x QLoRA | x floor | peak mem (MiB) | mem x QLoRA |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        same = {m["method"]: m for m in rows if m["seq"] == r["seq"] and m["density"] == r["density"]}
+        lora, floor = same.get("qlora"), same.get("none")
+        ratio = lambda key, ref: f"{r[key] / ref[key]:.2f}" if ref and ref[key] > 0 else "-"  # noqa: E731
+        lines.append(
+            f"| {r['seq']} | {r['density']:.3%} | {r['method']} | {r['trainable']:,} | {r['time_s']:.3f} | "
+            f"{ratio('time_s', lora)} | {ratio('time_s', floor)} | {r['peak_mib']:.0f} | {ratio('peak_mib', lora)} |"
+        )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""The CPI-FT recipe, top to bottom: probe -> regions -> plan -> fuse -> stages -> baselines -> evaluate.
+
+Every step writes its artifact under `output_dir` and records, in `state.json`, a hash of exactly the recipe
+sections (and upstream steps) it depends on. A rerun skips each step whose hash still matches, redoes those
+whose inputs changed, and resumes an interrupted training step from its last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import shutil
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import reduce
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from tqdm.auto import tqdm
+
+from ._io import load_json, load_tensors, save_json, save_tensors
+from .data import Example, TaskData, load_task, mix, sample
+from .evaluate import evaluate, majority_baseline, method_entry, write_results
+from .fusion import fuse_deltas
+from .models import load_model, resolve_model
+from .plan import StagePlan, draw_overlap, format_plan, plan_stages
+from .recipe import Recipe
+from .regions import CheckpointDelta, CoreRegions, DeltaSource, IsolationDelta, LoraDelta, find_core_regions
+from .training import TrainSettings, train
+from .tuner import IsolationConfig
+
+
+def _hash(*parts: str) -> str:
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def save_pretrained_atomic(model, path: Path) -> Path:
+    """`save_pretrained` into a temporary folder, then swap it in: a crash never leaves half an artifact."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    return path
+
+
+@dataclass
+class Run:
+    """A run directory: the recipe, its tasks and which steps are complete under which input hash."""
+
+    recipe: Recipe
+    tasks: dict[str, TaskData]
+
+    @property
+    def out(self) -> Path:
+        return Path(self.recipe.output_dir)
+
+    def step(self, name: str, key: str, artifact: Path, work: Callable[[], object]) -> Path:
+        """Run `work` unless `artifact` exists from a run with the same `key`; then record it as done."""
+        state_path = self.out / "state.json"
+        state = load_json(state_path) if state_path.exists() else {}
+        if state.get(name) == key and artifact.exists():
+            return artifact
+        print(f"[peft-isolate] {name}", flush=True)
+        work()
+        state = load_json(state_path) if state_path.exists() else {}
+        save_json({**state, name: key}, state_path)
+        return artifact
+
+    def settings(self, steps: int, lr: float) -> TrainSettings:
+        t = self.recipe.training
+        return TrainSettings(steps, lr, t.batch_size, t.grad_accum, t.max_seq_len, t.weight_decay, t.seed)
+
+    def examples(self, task_names: list[str], steps: int, fraction: float = 1.0) -> list[Example]:
+        """The uniform mixture of the named tasks (each sampled to `fraction`) for `steps` optimizer steps."""
+        t = self.recipe.training
+        chosen = [sample(self.tasks[n], fraction, t.seed) for n in task_names]
+        return mix(chosen, steps * t.batch_size * t.grad_accum, t.seed)
+
+    def base(self):
+        return load_model(self.recipe.model, self.recipe.quantization)
+
+
+def load_run(recipe: Recipe) -> Run:
+    """Generate or read every task's data (cheap and deterministic, so it is not cached)."""
+    tasks = {
+        name: load_task(
+            spec.source,
+            name,
+            config=spec.config,
+            train=spec.train,
+            eval=spec.eval,
+            seed=spec.seed,
+            eval_source=spec.eval_source,
+        )
+        for name, spec in recipe.tasks.items()
+    }
+    return Run(recipe, tasks)
+
+
+# --- step 1: probes and core regions -------------------------------------------------------------------------
+
+
+def probe_key(run: Run, task: str) -> str:
+    r = run.recipe
+    return _hash(
+        r.section_hash("model", "quantization", "mode", "target_modules", "probe", "training"),
+        r.tasks[task].model_dump_json(),
+    )
+
+
+def run_probe(run: Run, task: str) -> Path:
+    """Fine-tune a copy of the base on one task (LoRA, sparse isolation adapter or full) and save it."""
+    r, out = run.recipe, run.out / "probes" / task
+
+    def work():
+        model, tokenizer = run.base()
+        if r.probe.method == "lora":
+            model = get_peft_model(
+                model,
+                LoraConfig(r=r.probe.rank, lora_alpha=r.probe.rank, target_modules=r.target_modules, lora_dropout=0.0),
+            )
+        elif r.probe.method == "sparse":
+            model = get_peft_model(
+                model,
+                IsolationConfig(target_modules=r.target_modules, density=r.probe.density, seed=r.training.seed),
+            )
+        steps = r.probe.steps
+        train(model, tokenizer, run.examples([task], steps), run.settings(steps, r.probe.lr), f"{out}.work")
+        save_pretrained_atomic(model, out)
+
+    return run.step(f"probe:{task}", probe_key(run, task), out, work)
+
+
+def delta_source(run: Run, task: str) -> DeltaSource:
+    """The task's update, read back from its probe artifact."""
+    probe, base = run.out / "probes" / task, resolve_model(run.recipe.model)
+    return {
+        "lora": lambda: LoraDelta(probe, base),
+        "sparse": lambda: IsolationDelta(probe, base),
+        "full": lambda: CheckpointDelta(base, probe),
+    }[run.recipe.probe.method]()
+
+
+def run_regions(run: Run, task: str) -> CoreRegions:
+    """Core region of a task: the top-p entries of its probe's |update|."""
+    r, path = run.recipe, run.out / "cores" / f"{task}.safetensors"
+
+    def work():
+        find_core_regions(delta_source(run, task), r.regions.p, r.regions.scope).save(path)
+
+    run.step(f"cores:{task}", _hash(probe_key(run, task), r.section_hash("regions")), path, work)
+    return CoreRegions.load(path)
+
+
+# --- step 2 and 3: plan and fusion ---------------------------------------------------------------------------
+
+
+def cores_key(run: Run) -> str:
+    return _hash(*(probe_key(run, t) for t in run.tasks), run.recipe.section_hash("regions"))
+
+
+def run_plan(run: Run, cores: dict[str, CoreRegions]) -> StagePlan:
+    r, path = run.recipe, run.out / "plan.json"
+
+    def work():
+        plan = plan_stages(cores, r.plan.tau, r.plan.order, r.plan.seed, r.plan.freeze)
+        draw_overlap(plan, run.out / "overlap.png")
+        plan.save(path)
+
+    run.step("plan", _hash(cores_key(run), r.section_hash("plan")), path, work)
+    plan = StagePlan.load(path)
+    print(format_plan(plan))
+    return plan
+
+
+def support_of(cores: dict[str, CoreRegions]) -> CoreRegions:
+    """Adapter mode trains (and fuses) on the union of every task's core."""
+    return reduce(CoreRegions.union, cores.values())
+
+
+def run_fusion(run: Run, cores: dict[str, CoreRegions], support: CoreRegions) -> tuple[Path, str]:
+    """Fused starting values on the support, one weight at a time: each task's core transplanted, the other
+    entries SLERP(backbone, spherical mean of the task deltas, omega). Backbone: the base (zero delta) or the
+    plain mean of the task deltas."""
+    r, path = run.recipe, run.out / "fused" / "delta.safetensors"
+    key = _hash(cores_key(run), r.section_hash("fusion"))
+
+    def work():
+        sources = {t: delta_source(run, t) for t in cores}
+        values, stats = {}, Counter()
+        for name, idx in tqdm(support.indices.items(), desc="fuse", unit="tensor"):
+            if not idx.numel():
+                continue
+            deltas = {t: {name: src.delta(name).flatten()[idx.long()]} for t, src in sources.items()}
+            one = {t: CoreRegions({name: c.indices[name]}, {name: c.shapes[name]}) for t, c in cores.items()}
+            backbone = None
+            if r.fusion.backbone == "mean":
+                backbone = {name: torch.stack([d[name] for d in deltas.values()]).mean(0)}
+            fused = fuse_deltas(deltas, one, backbone, r.fusion.omega, support={name: idx})
+            values[name] = fused.deltas[name]
+            stats.update({k: v for k, v in fused.stats.items() if k in ("slerp", "lerp", "contested")})
+        save_json(dict(stats), path.with_name("stats.json"))
+        save_tensors(values, path)
+
+    run.step("fused", key, path, work)
+    return path, key
+
+
+# --- step 4: stages with frozen cores ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageJob:
+    """One stage: the tasks it trains on and, for CPI-FT, the entries it trains and the entries it locks."""
+
+    tasks: list[str]
+    trainable: CoreRegions | None = None  # None: every unlocked support entry trains
+    locked: CoreRegions | None = None
+
+
+def cpi_ft_jobs(plan: StagePlan, cores: dict[str, CoreRegions]) -> list[StageJob]:
+    """Stage k trains its group's cores minus the plan's frozen set, which it locks."""
+    jobs = []
+    for k, group in enumerate(plan.groups):
+        locked = plan.frozen_regions(k, cores)
+        own = reduce(CoreRegions.union, (cores[t] for t in group))
+        jobs.append(StageJob(group, own.difference(locked) if locked is not None else own, locked))
+    return jobs
+
+
+def _open_adapter(run: Run, previous: Path | None, support: Path, start: Path | None):
+    """The isolation adapter a stage starts from: the previous stage's, or a fresh one on the support."""
+    model, tokenizer = run.base()
+    if previous is not None:
+        return PeftModel.from_pretrained(model, previous, is_trainable=True), tokenizer
+    cfg = IsolationConfig(target_modules=run.recipe.target_modules, init="regions", regions=str(support))
+    model = get_peft_model(model, cfg)
+    if start is not None:
+        values, _ = load_tensors(start)
+        model.base_model.add_trainable(CoreRegions.load(support).indices | {}, values=values)
+    return model, tokenizer
+
+
+def train_stages(run: Run, name: str, jobs: list[StageJob], key: str, start: Path | None = None) -> tuple[Path, str]:
+    """Train the stages in order into `<output_dir>/<name>/<k>/`; returns the last adapter and its key."""
+    r = run.recipe
+    previous = None
+    for k, job in enumerate(jobs):
+        out = run.out / name / str(k)
+        key = _hash(key, str(k), str(job.tasks), r.section_hash("stages", "training"))
+
+        def work(k=k, job=job, previous=previous, out=out):
+            model, tokenizer = _open_adapter(run, previous, run.out / "support.safetensors", start if k == 0 else None)
+            if job.trainable is not None:
+                model.base_model.hold()
+                if job.locked is not None:
+                    model.base_model.lock(job.locked)
+                model.base_model.add_trainable(job.trainable)
+            steps = r.stages.steps
+            examples = run.examples(job.tasks, steps, r.stages.sample)
+            train(model, tokenizer, examples, run.settings(steps, r.stages.lr), f"{out}.work")
+            save_pretrained_atomic(model, out)
+
+        previous = run.step(f"{name}:{k}", key, out, work)
+    return previous, key
+
+
+# --- baselines and evaluation --------------------------------------------------------------------------------
+
+
+def random_groups(tasks: list[str], k: int, seed: int) -> list[list[str]]:
+    """Tasks shuffled (seeded) and dealt into `k` non-empty groups."""
+    shuffled = random.Random(seed).sample(tasks, len(tasks))
+    return [shuffled[i::k] for i in range(min(k, len(tasks)))]
+
+
+def baseline_jobs(recipe: Recipe, baseline: str, tasks: list[str], n_stages: int) -> dict[str, list[StageJob]]:
+    """{method id: stages} for one baseline, on the same support and the same number of stage steps."""
+    if baseline == "multitask":
+        return {"multitask": [StageJob(tasks)] * n_stages}
+    if baseline == "multistage_random":
+        groups = random_groups(tasks, n_stages, recipe.plan.seed)
+        return {"multistage_random": [StageJob(g) for g in groups] * (n_stages // len(groups))}
+    if baseline == "multistage_given":
+        return {"multistage_given": [StageJob(g) for g in recipe.plan.groups]}
+    return {f"single_task:{t}": [StageJob([t])] * n_stages for t in tasks}
+
+
+def run_evaluations(run: Run, methods: dict[str, tuple[Path | None, str]]) -> dict:
+    """Score every method on every task's held-out set (`single_task:<t>` on its own task); cached."""
+    r = run.recipe
+    results = {"methods": {}, "majority": {t: majority_baseline(d) for t, d in run.tasks.items()}}
+    single: dict[str, dict] = {"tasks": {}, "exact": {}}
+    for method, (adapter, key) in methods.items():
+        path = run.out / "eval" / f"{method.replace(':', '-')}.json"
+        tasks = [run.tasks[method.split(":", 1)[1]]] if method.startswith("single_task:") else list(run.tasks.values())
+
+        def work(adapter=adapter, path=path, tasks=tasks):
+            model, tokenizer = run.base()
+            if adapter is not None:
+                model = PeftModel.from_pretrained(model, adapter)
+            scores = evaluate(model, tokenizer, tasks, r.eval.max_new_tokens, r.eval.batch_size)
+            save_json(method_entry(scores), path)
+
+        run.step(f"eval:{method}", _hash(key, r.section_hash("eval")), path, work)
+        entry = load_json(path)
+        if method.startswith("single_task:"):
+            for field in ("tasks", "exact"):
+                single[field].update(entry[field])
+        else:
+            results["methods"][method] = entry
+    if single["tasks"]:
+        results["methods"]["single_task"] = {
+            **single,
+            "avg": sum(single["tasks"].values()) / len(single["tasks"]),
+        }
+    write_results(run.out, results)
+    return results
+
+
+def run_pipeline(recipe: Recipe) -> dict:
+    """Everything the recipe asks, in order; returns the results dict also written to results.json."""
+    if recipe.mode == "dense":
+        raise NotImplementedError("mode: dense is not implemented yet; use mode: adapter")
+    run = load_run(recipe)
+    run.out.mkdir(parents=True, exist_ok=True)
+    save_json(recipe.model_dump(mode="json"), run.out / "recipe.json")
+    for task in run.tasks:
+        run_probe(run, task)
+    cores = {task: run_regions(run, task) for task in run.tasks}
+    plan = run_plan(run, cores)
+    support = support_of(cores)
+    support.save(run.out / "support.safetensors")
+    start, start_key = run_fusion(run, cores, support) if recipe.fusion.enabled else (None, "")
+    key = _hash(cores_key(run), recipe.section_hash("plan"), start_key)
+    methods: dict[str, tuple[Path | None, str]] = {"base": (None, recipe.section_hash("model", "quantization"))}
+    methods["cpi_ft"] = train_stages(run, "stages", cpi_ft_jobs(plan, cores), key, start)
+    base_key = _hash(cores_key(run), recipe.section_hash("plan"))
+    for baseline in recipe.baselines:
+        for method, jobs in baseline_jobs(recipe, baseline, list(run.tasks), len(plan.groups)).items():
+            methods[method] = train_stages(run, method.replace(":", "-"), jobs, base_key)
+    final, final_key = methods["cpi_ft"]
+    run.step(
+        "final", final_key, run.out / "final", lambda: shutil.copytree(final, run.out / "final", dirs_exist_ok=True)
+    )
+    return run_evaluations(run, methods)

@@ -1,0 +1,232 @@
+"""Stage plan: overlap of the tasks' core regions, groups at tau, stage order and each stage's frozen set.
+
+Method.md step 2: tasks whose cores overlap (Jaccard >= tau) are linked; the connected components
+are the groups; one group trains per stage while earlier groups' cores stay frozen.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from functools import reduce
+from pathlib import Path
+
+import torch
+
+from ._io import atomic_path, load_json, save_json
+from .regions import CoreRegions, chance_matrix, overlap_matrix
+
+ORDERS = ("random", "size", "union")
+FREEZES = ("previous", "all")
+FORMAT = "peft-isolate/stage-plan"
+
+
+@dataclass
+class Stage:
+    """One training stage: the tasks trained together and the tasks whose cores stay frozen."""
+
+    tasks: list[str]
+    frozen: list[str]
+    core_size: int = 0  # entries in the union of this stage's cores
+    frozen_size: int = 0  # entries in the union of the frozen cores
+
+
+@dataclass
+class StagePlan:
+    """The grouping of tasks into stages, with the overlap it was derived from."""
+
+    tasks: list[str]
+    jaccard: list[list[float]]
+    chance: list[list[float]]  # expected Jaccard of random sets of the same sizes
+    core_sizes: dict[str, int]
+    tau: float
+    order: str
+    seed: int
+    freeze: str
+    stages: list[Stage]
+
+    @property
+    def groups(self) -> list[list[str]]:
+        return [s.tasks for s in self.stages]
+
+    def frozen_regions(self, stage: int, cores: Mapping[str, CoreRegions]) -> CoreRegions | None:
+        """The union of the cores frozen during `stage` (0-based), or None when nothing is frozen."""
+        frozen = [cores[t] for t in self.stages[stage].frozen]
+        return reduce(CoreRegions.union, frozen) if frozen else None
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> StagePlan:
+        if d.get("format") != FORMAT:
+            raise ValueError(f"not a stage plan (format is {d.get('format')!r}, expected {FORMAT!r})")
+        fields = {k: v for k, v in d.items() if k != "format"}
+        return cls(**{**fields, "stages": [Stage(**s) for s in d["stages"]]})
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return save_json(self.to_dict(), path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> StagePlan:
+        try:
+            return cls.from_dict(load_json(path))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}; recreate it with `peft-isolate plan`") from e
+
+
+def connected_groups(jaccard: torch.Tensor | Sequence[Sequence[float]], tau: float) -> list[list[int]]:
+    """Connected components of the graph linking tasks with overlap >= tau, each sorted, by first member."""
+    m = torch.as_tensor(jaccard, dtype=torch.float64)
+    parent = list(range(len(m)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(len(m)):
+        for j in range(i + 1, len(m)):
+            if m[i, j] >= tau:
+                parent[root(j)] = root(i)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(m)):
+        groups.setdefault(root(i), []).append(i)
+    return sorted(groups.values())
+
+
+def order_groups(
+    groups: Sequence[Sequence[int]],
+    order: str = "random",
+    seed: int = 0,
+    union_size: Callable[[Sequence[int]], int] | None = None,
+) -> list[list[int]]:
+    """Stage order: "random" (seeded shuffle), "size" (fewer tasks first), "union" (smallest core union
+    first).
+
+    Ties keep the groups' given order, so every order is deterministic.
+    """
+    groups = [list(g) for g in groups]
+    if order == "random":
+        random.Random(seed).shuffle(groups)
+        return groups
+    if order == "size":
+        return sorted(groups, key=len)
+    if order == "union":
+        if union_size is None:
+            raise ValueError('order="union" needs union_size (the size of a group\'s core union)')
+        return sorted(groups, key=union_size)
+    raise ValueError(f"order={order!r} is not one of {ORDERS}")
+
+
+def plan_stages(
+    cores: Mapping[str, CoreRegions],
+    tau: float = 0.1,
+    order: str = "random",
+    seed: int = 0,
+    freeze: str = "previous",
+) -> StagePlan:
+    """Group tasks by core overlap and order the groups into stages with their frozen sets.
+
+    freeze="previous": a stage freezes the cores of all earlier groups; "all": of every other group.
+    """
+    if freeze not in FREEZES:
+        raise ValueError(f"freeze={freeze!r} is not one of {FREEZES}")
+    if order not in ORDERS:
+        raise ValueError(f"order={order!r} is not one of {ORDERS}")
+    if not cores:
+        raise ValueError("plan_stages needs at least one task's core regions")
+    tasks = list(cores)
+    jac = overlap_matrix(cores)
+
+    def union(ts: Sequence[str]) -> CoreRegions:
+        return reduce(CoreRegions.union, [cores[t] for t in ts])
+
+    groups = order_groups(
+        connected_groups(jac, tau), order, seed, union_size=lambda g: union([tasks[i] for i in g]).size
+    )
+    named = [[tasks[i] for i in g] for g in groups]
+    stages = []
+    for k, g in enumerate(named):
+        others = named[:k] if freeze == "previous" else named[:k] + named[k + 1 :]
+        frozen = [t for grp in others for t in grp]
+        stages.append(Stage(g, frozen, union(g).size, union(frozen).size if frozen else 0))
+    return StagePlan(
+        tasks=tasks,
+        jaccard=jac.tolist(),
+        chance=chance_matrix(cores).tolist(),
+        core_sizes={t: c.size for t, c in cores.items()},
+        tau=float(tau),
+        order=order,
+        seed=int(seed),
+        freeze=freeze,
+        stages=stages,
+    )
+
+
+def format_plan(plan: StagePlan) -> str:
+    """The overlap matrix (chance level in brackets) and the stages, as text for a terminal."""
+    w = max(8, *(len(t) for t in plan.tasks))
+    lines = [f"Jaccard overlap of core regions [chance level], tau = {plan.tau:g}"]
+    lines.append(" " * w + "".join(f"  {t:>16}" for t in plan.tasks))
+    for i, t in enumerate(plan.tasks):
+        cells = "".join(
+            f"  {plan.jaccard[i][j]:7.4f} [{plan.chance[i][j]:6.4f}]" for j in range(len(plan.tasks))
+        )
+        lines.append(f"{t:<{w}}{cells}")
+    lines.append(f"{len(plan.stages)} stage(s), order={plan.order} (seed {plan.seed}), freeze={plan.freeze}:")
+    for k, s in enumerate(plan.stages, 1):
+        frozen = ", ".join(s.frozen) or "nothing"
+        lines.append(
+            f"  stage {k}: train {', '.join(s.tasks)} ({s.core_size} core entries); "
+            f"frozen: {frozen} ({s.frozen_size} entries)"
+        )
+    return "\n".join(lines)
+
+
+def draw_overlap(plan: StagePlan, path: str | os.PathLike) -> Path:
+    """Write a heatmap PNG of the overlap, tasks in stage order, each group boxed and labelled by stage."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    order = [plan.tasks.index(t) for s in plan.stages for t in s.tasks]
+    names = [plan.tasks[i] for i in order]
+    jac = torch.tensor(plan.jaccard)[order][:, order]
+    chance = torch.tensor(plan.chance)[order][:, order]
+    n = len(names)
+    shown = jac.clone()
+    shown.fill_diagonal_(float("nan"))  # the diagonal is 1 and would wash out the colour scale
+    off = shown[~shown.isnan()]
+    vmax = max(float(off.max()) if off.numel() else 0.0, plan.tau if plan.tau <= 1 else 0.0, 1e-6)
+    fig = Figure(figsize=(1.2 * n + 3, 1.2 * n + 2))
+    ax = fig.add_subplot()
+    im = ax.imshow(shown.numpy(), cmap="viridis", vmin=0, vmax=vmax)
+    fig.colorbar(im, ax=ax, label="Jaccard (diagonal omitted)")
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                ax.text(
+                    j,
+                    i,
+                    f"{jac[i, j]:.3f}\n({chance[i, j]:.3f})",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="w",
+                )
+    start = 0
+    for k, s in enumerate(plan.stages, 1):
+        size = len(s.tasks)
+        ax.add_patch(Rectangle((start - 0.5, start - 0.5), size, size, fill=False, edgecolor="red", lw=2))
+        ax.text(start - 0.45, start - 0.3, f"stage {k}", color="red", fontsize=8, va="top")
+        start += size
+    ax.set_xticks(range(n), names, rotation=45, ha="right")
+    ax.set_yticks(range(n), names)
+    ax.set_title(f"Core-region overlap (chance in brackets), tau = {plan.tau:g}")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return Path(path)

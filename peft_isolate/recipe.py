@@ -1,0 +1,132 @@
+"""The recipe: one YAML file that says what a CPI-FT run does, validated with errors that name the bad key."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskSpec(_Section):
+    source: str = Field(description="'reasoning_gym:<name>', a JSONL/JSON/parquet file or a save_to_disk dir")
+    eval_source: str | None = Field(None, description="held-out file; else a part of `source` is held out")
+    config: dict[str, Any] = Field(default_factory=dict, description="generator settings (reasoning_gym)")
+    train: int | None = Field(None, gt=0, description="training examples (default: reasoning_gym 1000, files all)")
+    eval: int | None = Field(None, gt=0, description="eval examples (default: reasoning_gym 200, files 10%)")
+    seed: int = Field(1, description="generator seed")
+
+
+class ProbeSpec(_Section):
+    method: Literal["lora", "full", "sparse"] = Field("lora", description="how each task's update is probed")
+    steps: int = Field(50, gt=0, description="optimizer steps per probe")
+    lr: float = Field(2e-4, gt=0, description="probe learning rate")
+    rank: int = Field(16, gt=0, description="LoRA rank of a lora probe")
+    density: float = Field(0.05, gt=0, le=1, description="support density of a sparse probe")
+
+
+class RegionSpec(_Section):
+    p: float = Field(0.01, gt=0, le=1, description="fraction of the entries in each task's core")
+    scope: Literal["global", "layer", "matrix"] = Field("global", description="where the top-p is taken")
+
+
+class PlanSpec(_Section):
+    tau: float = Field(0.1, ge=0, description="Jaccard threshold linking two tasks into one group")
+    order: Literal["random", "size", "union"] = Field("random", description="stage order of the groups")
+    seed: int = Field(0, description="seed of the random order and of random baseline groups")
+    freeze: Literal["previous", "all"] = Field("previous", description="which cores are locked in a stage")
+    groups: list[list[str]] | None = Field(None, description="hand-given grouping for the multistage_given baseline")
+
+
+class FusionSpec(_Section):
+    enabled: bool = Field(True, description="start the stages from the fused deltas (else from zero)")
+    backbone: Literal["base", "multistage", "mean"] = Field("base", description="delta the SLERP starts from")
+    omega: float = Field(0.5, ge=0, le=1, description="SLERP factor toward the mean of the task deltas")
+
+
+class StageSpec(_Section):
+    steps: int = Field(50, gt=0, description="optimizer steps per stage")
+    lr: float = Field(2e-4, gt=0, description="stage learning rate")
+    sample: float = Field(0.5, gt=0, le=1, description="fraction of each task's training data a stage samples")
+
+
+class TrainingSpec(_Section):
+    batch_size: int = Field(8, gt=0, description="per-device batch size")
+    grad_accum: int = Field(1, gt=0, description="gradient accumulation steps")
+    max_seq_len: int = Field(256, ge=8, description="tokens per example, prompt and answer")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    seed: int = Field(0, description="training seed; one run of a recipe is one seed")
+
+
+class EvalSpec(_Section):
+    max_new_tokens: int = Field(32, gt=0, description="greedy generation length")
+    batch_size: int = Field(16, gt=0, description="generation batch size")
+
+
+Baseline = Literal["multitask", "multistage_random", "multistage_given", "single_task"]
+
+
+class Recipe(_Section):
+    model: str = Field("smollm2-135m", description="built-in alias, HF model directory or .gguf file")
+    quantization: Literal["nf4", "int8", "none"] = Field("nf4", description="how the base is loaded")
+    mode: Literal["adapter", "dense"] = Field("adapter", description="sparse deltas on a frozen base, or paper mode")
+    target_modules: str | list[str] = Field("all-linear", description="linear layers the adapter targets")
+    tasks: dict[str, TaskSpec] = Field(description="task name -> data source")
+    probe: ProbeSpec = ProbeSpec()
+    regions: RegionSpec = RegionSpec()
+    plan: PlanSpec = PlanSpec()
+    fusion: FusionSpec = FusionSpec()
+    stages: StageSpec = StageSpec()
+    training: TrainingSpec = TrainingSpec()
+    baselines: list[Baseline] = Field(default_factory=lambda: ["multitask", "multistage_random"])
+    eval: EvalSpec = EvalSpec()
+    output_dir: str = Field("runs/example", description="where every step writes its artifacts")
+
+    @model_validator(mode="after")
+    def _check(self) -> Recipe:
+        if len(self.tasks) < 2:
+            raise ValueError("tasks: CPI-FT needs at least two tasks")
+        if self.mode == "dense" and self.quantization != "none":
+            raise ValueError("mode: dense trains full weights, so it needs quantization: none")
+        if "multistage_given" in self.baselines and not self.plan.groups:
+            raise ValueError("baselines: multistage_given needs plan.groups (a list of task-name lists)")
+        if self.plan.groups:
+            named = [t for g in self.plan.groups for t in g]
+            if sorted(named) != sorted(self.tasks):
+                raise ValueError("plan.groups must name every task exactly once")
+        return self
+
+    def section_hash(self, *sections: str) -> str:
+        """A short hash of the named sections: a step is redone exactly when what it depends on changed."""
+        data = {s: self.model_dump(mode="json")[s] for s in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
+    """Read and validate a recipe; `overrides` are `key.sub=value` strings (YAML values) applied first."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} must look like key.sub=value")
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'recipe'}: {err['msg']}" for err in e.errors())
+        raise ValueError(f"{path}: {problems}") from None
