@@ -36,11 +36,13 @@ def _hash(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def save_pretrained_atomic(model, path: Path) -> Path:
+def save_pretrained_atomic(model, path: Path, tokenizer=None) -> Path:
     """`save_pretrained` into a temporary folder, then swap it in: a crash never leaves half an artifact."""
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     return path
@@ -82,6 +84,19 @@ class Run:
     def base(self):
         return load_model(self.recipe.model, self.recipe.quantization)
 
+    def load(self, artifact: Path | None):
+        """(model, tokenizer) of an artifact: None is the base, a dense model directory, or an adapter on the base."""
+        if artifact is None:
+            return self.base()
+        if self.recipe.mode == "dense":
+            return load_model(artifact, "none")
+        model, tokenizer = self.base()
+        return PeftModel.from_pretrained(model, artifact, is_trainable=True), tokenizer
+
+    def save(self, model, tokenizer, path: Path) -> Path:
+        """Save an adapter (adapter mode) or a whole model with its tokenizer (dense mode), atomically."""
+        return save_pretrained_atomic(model, path, tokenizer if self.recipe.mode == "dense" else None)
+
 
 def load_run(recipe: Recipe) -> Run:
     """Generate or read every task's data (cheap and deterministic, so it is not cached)."""
@@ -117,19 +132,19 @@ def run_probe(run: Run, task: str) -> Path:
 
     def work():
         model, tokenizer = run.base()
-        if r.probe.method == "lora":
+        if r.probe_method == "lora":
             model = get_peft_model(
                 model,
                 LoraConfig(r=r.probe.rank, lora_alpha=r.probe.rank, target_modules=r.target_modules, lora_dropout=0.0),
             )
-        elif r.probe.method == "sparse":
+        elif r.probe_method == "sparse":
             model = get_peft_model(
                 model,
                 IsolationConfig(target_modules=r.target_modules, density=r.probe.density, seed=r.training.seed),
             )
         steps = r.probe.steps
         train(model, tokenizer, run.examples([task], steps), run.settings(steps, r.probe.lr), f"{out}.work")
-        save_pretrained_atomic(model, out)
+        save_pretrained_atomic(model, out, tokenizer if r.probe_method == "full" else None)
 
     return run.step(f"probe:{task}", probe_key(run, task), out, work)
 
@@ -141,7 +156,7 @@ def delta_source(run: Run, task: str) -> DeltaSource:
         "lora": lambda: LoraDelta(probe, base),
         "sparse": lambda: IsolationDelta(probe, base),
         "full": lambda: CheckpointDelta(base, probe),
-    }[run.recipe.probe.method]()
+    }[run.recipe.probe_method]()
 
 
 def run_regions(run: Run, task: str) -> CoreRegions:
@@ -149,7 +164,8 @@ def run_regions(run: Run, task: str) -> CoreRegions:
     r, path = run.recipe, run.out / "cores" / f"{task}.safetensors"
 
     def work():
-        find_core_regions(delta_source(run, task), r.regions.p, r.regions.scope).save(path)
+        source = delta_source(run, task)
+        find_core_regions(source, r.regions.p, r.regions.scope).save(path)
 
     run.step(f"cores:{task}", _hash(probe_key(run, task), r.section_hash("regions")), path, work)
     return CoreRegions.load(path)
@@ -181,32 +197,73 @@ def support_of(cores: dict[str, CoreRegions]) -> CoreRegions:
     return reduce(CoreRegions.union, cores.values())
 
 
-def run_fusion(run: Run, cores: dict[str, CoreRegions], support: CoreRegions) -> tuple[Path, str]:
-    """Fused starting values on the support, one weight at a time: each task's core transplanted, the other
-    entries SLERP(backbone, spherical mean of the task deltas, omega). Backbone: the base (zero delta) or the
-    plain mean of the task deltas."""
-    r, path = run.recipe, run.out / "fused" / "delta.safetensors"
-    key = _hash(cores_key(run), r.section_hash("fusion"))
+def _fuse_tensor(
+    run: Run,
+    name: str,
+    deltas: dict[str, torch.Tensor],
+    backbone: torch.Tensor | None,
+    cores: dict[str, CoreRegions],
+    support: torch.Tensor | None,
+    stats: Counter,
+) -> torch.Tensor:
+    """Fuse one tensor's task deltas (dense, or values at `support`); counts the SLERP/LERP paths in `stats`."""
+    one = {
+        t: CoreRegions({name: c.indices[name]}, {name: c.shapes[name]}) for t, c in cores.items() if name in c.shapes
+    }
+    if run.recipe.backbone == "mean":
+        backbone = torch.stack(list(deltas.values())).mean(0)
+    fused = fuse_deltas(
+        {t: {name: d} for t, d in deltas.items()},
+        one,
+        None if backbone is None else {name: backbone},
+        run.recipe.fusion.omega,
+        support=None if support is None else {name: support},
+    )
+    stats.update({k: v for k, v in fused.stats.items() if k in ("slerp", "lerp", "contested")})
+    return fused.deltas[name]
+
+
+def run_fusion(run: Run, cores: dict[str, CoreRegions], support: CoreRegions, backbone: Path | None) -> Path:
+    """The fused starting point, one tensor at a time: each task's core transplanted, the other entries
+    SLERP(backbone delta, spherical mean of the task deltas, omega). Adapter mode: values on the support
+    (fused/delta.safetensors); dense mode: a whole model (fused/)."""
+    dense = run.recipe.mode == "dense"
+    path = run.out / "fused" if dense else run.out / "fused" / "delta.safetensors"
+    base_dir = resolve_model(run.recipe.model)
 
     def work():
         sources = {t: delta_source(run, t) for t in cores}
-        values, stats = {}, Counter()
-        for name, idx in tqdm(support.indices.items(), desc="fuse", unit="tensor"):
-            if not idx.numel():
-                continue
-            deltas = {t: {name: src.delta(name).flatten()[idx.long()]} for t, src in sources.items()}
-            one = {t: CoreRegions({name: c.indices[name]}, {name: c.shapes[name]}) for t, c in cores.items()}
-            backbone = None
-            if r.fusion.backbone == "mean":
-                backbone = {name: torch.stack([d[name] for d in deltas.values()]).mean(0)}
-            fused = fuse_deltas(deltas, one, backbone, r.fusion.omega, support={name: idx})
-            values[name] = fused.deltas[name]
-            stats.update({k: v for k, v in fused.stats.items() if k in ("slerp", "lerp", "contested")})
-        save_json(dict(stats), path.with_name("stats.json"))
-        save_tensors(values, path)
+        backbone_source = CheckpointDelta(base_dir, backbone) if dense and backbone else None
+        stats, values = Counter(), {}
+        model, tokenizer = run.base() if dense else (None, None)
+        params = dict(model.named_parameters()) if dense else {}
+        names = (
+            [n for n in support.indices if n in params]
+            if dense
+            else [n for n, i in support.indices.items() if i.numel()]
+        )
+        for name in tqdm(names, desc="fuse", unit="tensor"):
+            idx = None if dense else support.indices[name].long()
+            deltas = {t: src.delta(name) if dense else src.delta(name).flatten()[idx] for t, src in sources.items()}
+            b = backbone_source.delta(name) if backbone_source else None
+            fused = _fuse_tensor(run, name, deltas, b, cores, None if dense else support.indices[name], stats)
+            if dense:
+                with torch.no_grad():
+                    params[name].add_(fused.to(params[name].dtype))
+            else:
+                values[name] = fused
+        if dense:
+            run.save(model, tokenizer, path)
+        else:
+            save_tensors(values, path)
+        save_json(dict(stats), run.out / "fusion.json")
 
-    run.step("fused", key, path, work)
-    return path, key
+    run.step("fused", fusion_key(run, backbone), path, work)
+    return path
+
+
+def fusion_key(run: Run, backbone: Path | None) -> str:
+    return _hash(cores_key(run), run.recipe.section_hash("fusion"), str(backbone))
 
 
 # --- step 4: stages with frozen cores ------------------------------------------------------------------------
@@ -217,7 +274,7 @@ class StageJob:
     """One stage: the tasks it trains on and, for CPI-FT, the entries it trains and the entries it locks."""
 
     tasks: list[str]
-    trainable: CoreRegions | None = None  # None: every unlocked support entry trains
+    trainable: CoreRegions | None = None  # None: every unlocked entry trains
     locked: CoreRegions | None = None
 
 
@@ -231,21 +288,26 @@ def cpi_ft_jobs(plan: StagePlan, cores: dict[str, CoreRegions]) -> list[StageJob
     return jobs
 
 
-def _open_adapter(run: Run, previous: Path | None, support: Path, start: Path | None):
-    """The isolation adapter a stage starts from: the previous stage's, or a fresh one on the support."""
+def _first_stage(run: Run, start: Path | None):
+    """What stage 0 starts from: dense mode the fused (or base) model; adapter mode a fresh isolation adapter on
+    the support, holding the fused values if there are any."""
+    if run.recipe.mode == "dense":
+        return run.load(start)
+    support = run.out / "support.safetensors"
     model, tokenizer = run.base()
-    if previous is not None:
-        return PeftModel.from_pretrained(model, previous, is_trainable=True), tokenizer
     cfg = IsolationConfig(target_modules=run.recipe.target_modules, init="regions", regions=str(support))
     model = get_peft_model(model, cfg)
     if start is not None:
         values, _ = load_tensors(start)
-        model.base_model.add_trainable(CoreRegions.load(support).indices | {}, values=values)
+        model.base_model.add_trainable(CoreRegions.load(support), values=values)
     return model, tokenizer
 
 
 def train_stages(run: Run, name: str, jobs: list[StageJob], key: str, start: Path | None = None) -> tuple[Path, str]:
-    """Train the stages in order into `<output_dir>/<name>/<k>/`; returns the last adapter and its key."""
+    """Train the stages in order into `<output_dir>/<name>/<k>/`; returns the last artifact and its key.
+
+    Adapter mode freezes structurally (locked entries leave the trainable set); dense mode masks gradients
+    and restores the frozen entries after each optimizer step."""
     r = run.recipe
     previous = None
     for k, job in enumerate(jobs):
@@ -253,16 +315,19 @@ def train_stages(run: Run, name: str, jobs: list[StageJob], key: str, start: Pat
         key = _hash(key, str(k), str(job.tasks), r.section_hash("stages", "training"))
 
         def work(k=k, job=job, previous=previous, out=out):
-            model, tokenizer = _open_adapter(run, previous, run.out / "support.safetensors", start if k == 0 else None)
-            if job.trainable is not None:
+            model, tokenizer = run.load(previous) if k else _first_stage(run, start)
+            frozen = None
+            if r.mode == "dense":
+                frozen = job.locked.indices if job.locked is not None else None
+            elif job.trainable is not None:
                 model.base_model.hold()
                 if job.locked is not None:
                     model.base_model.lock(job.locked)
                 model.base_model.add_trainable(job.trainable)
             steps = r.stages.steps
             examples = run.examples(job.tasks, steps, r.stages.sample)
-            train(model, tokenizer, examples, run.settings(steps, r.stages.lr), f"{out}.work")
-            save_pretrained_atomic(model, out)
+            train(model, tokenizer, examples, run.settings(steps, r.stages.lr), f"{out}.work", frozen=frozen)
+            run.save(model, tokenizer, out)
 
         previous = run.step(f"{name}:{k}", key, out, work)
     return previous, key
@@ -299,9 +364,7 @@ def run_evaluations(run: Run, methods: dict[str, tuple[Path | None, str]]) -> di
         tasks = [run.tasks[method.split(":", 1)[1]]] if method.startswith("single_task:") else list(run.tasks.values())
 
         def work(adapter=adapter, path=path, tasks=tasks):
-            model, tokenizer = run.base()
-            if adapter is not None:
-                model = PeftModel.from_pretrained(model, adapter)
+            model, tokenizer = run.load(adapter)
             scores = evaluate(model, tokenizer, tasks, r.eval.max_new_tokens, r.eval.batch_size)
             save_json(method_entry(scores), path)
 
@@ -323,8 +386,6 @@ def run_evaluations(run: Run, methods: dict[str, tuple[Path | None, str]]) -> di
 
 def run_pipeline(recipe: Recipe) -> dict:
     """Everything the recipe asks, in order; returns the results dict also written to results.json."""
-    if recipe.mode == "dense":
-        raise NotImplementedError("mode: dense is not implemented yet; use mode: adapter")
     run = load_run(recipe)
     run.out.mkdir(parents=True, exist_ok=True)
     save_json(recipe.model_dump(mode="json"), run.out / "recipe.json")
@@ -334,11 +395,14 @@ def run_pipeline(recipe: Recipe) -> dict:
     plan = run_plan(run, cores)
     support = support_of(cores)
     support.save(run.out / "support.safetensors")
-    start, start_key = run_fusion(run, cores, support) if recipe.fusion.enabled else (None, "")
-    key = _hash(cores_key(run), recipe.section_hash("plan"), start_key)
     methods: dict[str, tuple[Path | None, str]] = {"base": (None, recipe.section_hash("model", "quantization"))}
-    methods["cpi_ft"] = train_stages(run, "stages", cpi_ft_jobs(plan, cores), key, start)
     base_key = _hash(cores_key(run), recipe.section_hash("plan"))
+    backbone = None
+    if recipe.fusion.enabled and recipe.backbone == "multistage":
+        backbone, _ = train_stages(run, "backbone", [StageJob(g) for g in plan.groups], base_key)
+    start = run_fusion(run, cores, support, backbone) if recipe.fusion.enabled else None
+    key = _hash(base_key, fusion_key(run, backbone) if start else "")
+    methods["cpi_ft"] = train_stages(run, "stages", cpi_ft_jobs(plan, cores), key, start)
     for baseline in recipe.baselines:
         for method, jobs in baseline_jobs(recipe, baseline, list(run.tasks), len(plan.groups)).items():
             methods[method] = train_stages(run, method.replace(":", "-"), jobs, base_key)

@@ -26,7 +26,9 @@ class TaskSpec(_Section):
 
 
 class ProbeSpec(_Section):
-    method: Literal["lora", "full", "sparse"] = Field("lora", description="how each task's update is probed")
+    method: Literal["lora", "full", "sparse"] | None = Field(
+        None, description="how each task's update is probed (default: lora in adapter mode, full in dense mode)"
+    )
     steps: int = Field(50, gt=0, description="optimizer steps per probe")
     lr: float = Field(2e-4, gt=0, description="probe learning rate")
     rank: int = Field(16, gt=0, description="LoRA rank of a lora probe")
@@ -48,7 +50,9 @@ class PlanSpec(_Section):
 
 class FusionSpec(_Section):
     enabled: bool = Field(True, description="start the stages from the fused deltas (else from zero)")
-    backbone: Literal["base", "multistage", "mean"] = Field("base", description="delta the SLERP starts from")
+    backbone: Literal["base", "multistage", "mean"] | None = Field(
+        None, description="delta the SLERP starts from (default: base in adapter mode, multistage in dense mode)"
+    )
     omega: float = Field(0.5, ge=0, le=1, description="SLERP factor toward the mean of the task deltas")
 
 
@@ -96,6 +100,13 @@ class Recipe(_Section):
             raise ValueError("tasks: CPI-FT needs at least two tasks")
         if self.mode == "dense" and self.quantization != "none":
             raise ValueError("mode: dense trains full weights, so it needs quantization: none")
+        if self.mode == "adapter" and self.probe.method == "full":
+            raise ValueError("probe.method: full is dense mode's probe; in adapter mode use lora or sparse")
+        if self.mode == "adapter" and self.plan.freeze == "all":
+            raise ValueError(
+                "plan.freeze: all locks every other group's core, and in adapter mode the support is the union of "
+                "the cores, so later groups could never train their shared entries; use freeze: previous"
+            )
         if "multistage_given" in self.baselines and not self.plan.groups:
             raise ValueError("baselines: multistage_given needs plan.groups (a list of task-name lists)")
         if self.plan.groups:
@@ -103,6 +114,14 @@ class Recipe(_Section):
             if sorted(named) != sorted(self.tasks):
                 raise ValueError("plan.groups must name every task exactly once")
         return self
+
+    @property
+    def probe_method(self) -> str:
+        return self.probe.method or ("full" if self.mode == "dense" else "lora")
+
+    @property
+    def backbone(self) -> str:
+        return self.fusion.backbone or ("multistage" if self.mode == "dense" else "base")
 
     def section_hash(self, *sections: str) -> str:
         """A short hash of the named sections: a step is redone exactly when what it depends on changed."""

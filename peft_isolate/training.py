@@ -99,6 +99,7 @@ def train(
         report_to="none",
         remove_unused_columns=False,
         disable_tqdm=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
     callbacks: list[TrainerCallback] = [_MarkComplete()]
     if frozen:

@@ -6,7 +6,8 @@ import json
 
 import pytest
 from datasets import Dataset, DatasetDict
-from tiny import tiny_tokenizer
+from tiny import tiny_llama, tiny_tokenizer
+from transformers import Trainer, TrainingArguments
 
 from peft_isolate.data import (
     DEFAULT_INSTRUCTION,
@@ -76,9 +77,7 @@ def test_reasoning_gym_errors():
     with pytest.raises(ValueError, match="not in `config`"):
         load_task("reasoning_gym:chain_sum", config={"seed": 1})
     with pytest.raises(ValueError, match="too few distinct questions"):
-        load_task(
-            "reasoning_gym:chain_sum", config={"min_terms": 2, "max_terms": 2, "max_digits": 1}, eval=200
-        )
+        load_task("reasoning_gym:chain_sum", config={"min_terms": 2, "max_terms": 2, "max_digits": 1}, eval=200)
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet", "disk"])
@@ -130,9 +129,7 @@ def test_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_task(str(tmp_path / "missing.jsonl"))
     bad = write_jsonl(tmp_path / "bad.jsonl", [*ROWS[:3], {"question": "q", "answer": "a"}])
-    with pytest.raises(
-        ValueError, match=r"bad.jsonl row 3 has keys \['answer', 'question'\]; expected.*prompt"
-    ):
+    with pytest.raises(ValueError, match=r"bad.jsonl row 3 has keys \['answer', 'question'\]; expected.*prompt"):
         load_task(bad)
     chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(ValueError, match="row 0: `messages` must"):
@@ -207,3 +204,18 @@ def test_mix_gives_equal_shares():
     assert counts == {"a": 11, "b": 10, "c": 10}
     assert len({e.prompt for e in mixed if e.prompt.startswith("b")}) == 3  # cycled through all of b
     assert [e.prompt for e in mixed] == [e.prompt for e in mix(tasks, 31, seed=0)]
+
+
+def test_sft_rows_train_with_transformers_trainer(tmp_path):
+    model, tok = tiny_llama()
+    task = load_task("reasoning_gym:chain_sum", train=8, eval=1)
+    args = TrainingArguments(
+        tmp_path, max_steps=2, per_device_train_batch_size=4, report_to=[], save_strategy="no", use_cpu=True
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=tokenize_sft(task.train, tok, 128),
+        data_collator=SFTCollator(tok.pad_token_id),
+    )
+    assert trainer.train().training_loss > 0
