@@ -2,7 +2,7 @@
 
 Each (method, density, sequence length) runs in its own process on the same base, batch and tokens, so peak
 memory is not polluted by the others. Reported per step: median time over the timed steps after warm-up, peak
-memory above the loaded model (CPU: sampled RSS; GPU: torch.cuda.max_memory_allocated) and ratios to QLoRA and
+memory above the loaded model, optimizer state included (CPU: sampled RSS; GPU: torch.cuda.max_memory_allocated) and ratios to QLoRA and
 to the floor ("none": base forward + backward to the inputs, no adapter).
 
     python bench/speed.py                       # SmolLM2-135M nf4 on CPU, density 1%, batch 4 x 128
@@ -110,7 +110,6 @@ def run_one(args) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    step()  # warm-up: allocates optimizer state, lets bitsandbytes pack its CPU weights
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -121,6 +120,7 @@ def run_one(args) -> dict:
         base_mem = psutil.Process().memory_info().rss
         sampler = _PeakRSS()
         sampler.start()
+    step()  # warm-up (counted in peak memory: it allocates the optimizer state)
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()

@@ -51,9 +51,7 @@ def load_json(path: str | os.PathLike) -> Any:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(
-            f"{path} is not valid JSON ({e}); delete it and rerun the step that writes it"
-        ) from e
+        raise ValueError(f"{path} is not valid JSON ({e}); delete it and rerun the step that writes it") from e
 
 
 def save_tensors(

@@ -69,9 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 @arg("--base", help="base checkpoint (directory or .safetensors) the probe started from")
 @arg("--p", type=float, default=0.01, help="fraction of entries to keep, in (0, 1] (default 0.01)")
 @arg("--scope", choices=["global", "layer", "matrix"], default="global", help="where the top p is taken")
-@arg(
-    "--include", metavar="REGEX", help="only parameters whose name matches (e.g. the targeted linear weights)"
-)
+@arg("--include", metavar="REGEX", help="only parameters whose name matches (e.g. the targeted linear weights)")
 @arg("--out", required=True, help="output file, e.g. cores/math.safetensors")
 def regions(args: argparse.Namespace) -> None:
     from .regions import CheckpointDelta, IsolationDelta, LoraDelta, find_core_regions

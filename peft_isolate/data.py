@@ -96,9 +96,7 @@ def load_task(
     """
     if source.startswith(RG_PREFIX):
         if eval_source is not None:
-            raise ValueError(
-                f"{source}: eval_source is only for file tasks; reasoning-gym generates eval items"
-            )
+            raise ValueError(f"{source}: eval_source is only for file tasks; reasoning-gym generates eval items")
         generator = source[len(RG_PREFIX) :]
         instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
         train_ex, eval_ex, scorer = _reasoning_gym(generator, config or {}, train or 1000, eval or 200, seed)
@@ -229,9 +227,7 @@ def _read_rows(source: str) -> tuple[list[dict], list[dict] | None]:
         return rows, None
     if suffix == ".parquet":
         return Dataset.from_parquet(str(path)).to_list(), None
-    raise ValueError(
-        f"{source}: unsupported task file type {suffix!r}; use .jsonl, .json, .parquet or a datasets dir"
-    )
+    raise ValueError(f"{source}: unsupported task file type {suffix!r}; use .jsonl, .json, .parquet or a datasets dir")
 
 
 def _row_to_example(row: Any, index: int, source: str) -> Example:
@@ -276,9 +272,7 @@ def _response_text(example: Example, tokenizer: PreTrainedTokenizerBase, prompt:
     return example.answer + (tokenizer.eos_token or "")  # templates that rewrite earlier turns
 
 
-def tokenize_sft(
-    examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, max_seq_len: int
-) -> Dataset:
+def tokenize_sft(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> Dataset:
     """Tokenize for answer-only SFT: labels are -100 on prompt tokens, the response tokens elsewhere.
 
     Prompt and response are tokenized separately (so the prompt tokens match generation time). Too long

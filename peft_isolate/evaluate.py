@@ -58,9 +58,7 @@ def generate(
                 pad_token_id=tokenizer.pad_token_id,
             )
             new_tokens = generated[:, batch["input_ids"].shape[1] :]
-            for i, text in zip(
-                idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True
-            ):
+            for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
                 outputs[i] = text
     finally:
         tokenizer.padding_side = side
@@ -81,9 +79,7 @@ def evaluate(
         if not task.eval:
             raise ValueError(f"task {task.name!r} has no eval examples")
         prompts = [prompt_text(e, tokenizer) for e in task.eval]
-        generations = generate(
-            model, tokenizer, prompts, max_new_tokens, batch_size, desc=f"eval {task.name}"
-        )
+        generations = generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc=f"eval {task.name}")
         answers = [extract_answer(g) for g in generations]
         results[task.name] = {
             "score": mean(task.scorer(a, e) for a, e in zip(answers, task.eval, strict=True)),
@@ -169,9 +165,7 @@ def plot_scores(results: dict[str, Any], path: str | os.PathLike) -> Path:
     width = 0.8 / len(methods)
     for k, (mid, m) in enumerate(methods.items()):
         values = [m["tasks"].get(t, 0.0) for t in tasks] + [m["avg"]]
-        ax.bar(
-            [g + (k - (len(methods) - 1) / 2) * width for g in range(len(groups))], values, width, label=mid
-        )
+        ax.bar([g + (k - (len(methods) - 1) / 2) * width for g in range(len(groups))], values, width, label=mid)
     majority = {t: results.get("majority", {})[t] for t in tasks if t in results.get("majority", {})}
     for n, (task, value) in enumerate(majority.items()):
         g = tasks.index(task)

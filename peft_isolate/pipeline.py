@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import set_seed
 from tqdm.auto import tqdm
 
 from ._io import load_json, load_tensors, save_json, save_tensors
@@ -73,7 +74,7 @@ class Run:
 
     def settings(self, steps: int, lr: float) -> TrainSettings:
         t = self.recipe.training
-        return TrainSettings(steps, lr, t.batch_size, t.grad_accum, t.max_seq_len, t.weight_decay, t.seed)
+        return TrainSettings(steps, lr, t.batch_size, t.grad_accum, t.max_seq_len, t.weight_decay, t.seed, t.save_steps)
 
     def examples(self, task_names: list[str], steps: int, fraction: float = 1.0) -> list[Example]:
         """The uniform mixture of the named tasks (each sampled to `fraction`) for `steps` optimizer steps."""
@@ -131,6 +132,7 @@ def run_probe(run: Run, task: str) -> Path:
     r, out = run.recipe, run.out / "probes" / task
 
     def work():
+        set_seed(r.training.seed)  # the LoRA init draws from the global generator
         model, tokenizer = run.base()
         if r.probe_method == "lora":
             model = get_peft_model(

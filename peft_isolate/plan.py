@@ -173,9 +173,7 @@ def format_plan(plan: StagePlan) -> str:
     lines = [f"Jaccard overlap of core regions [chance level], tau = {plan.tau:g}"]
     lines.append(" " * w + "".join(f"  {t:>16}" for t in plan.tasks))
     for i, t in enumerate(plan.tasks):
-        cells = "".join(
-            f"  {plan.jaccard[i][j]:7.4f} [{plan.chance[i][j]:6.4f}]" for j in range(len(plan.tasks))
-        )
+        cells = "".join(f"  {plan.jaccard[i][j]:7.4f} [{plan.chance[i][j]:6.4f}]" for j in range(len(plan.tasks)))
         lines.append(f"{t:<{w}}{cells}")
     lines.append(f"{len(plan.stages)} stage(s), order={plan.order} (seed {plan.seed}), freeze={plan.freeze}:")
     for k, s in enumerate(plan.stages, 1):

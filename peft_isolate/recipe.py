@@ -68,6 +68,7 @@ class TrainingSpec(_Section):
     max_seq_len: int = Field(256, ge=8, description="tokens per example, prompt and answer")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     seed: int = Field(0, description="training seed; one run of a recipe is one seed")
+    save_steps: int = Field(50, gt=0, description="checkpoint every this many steps (a killed run resumes there)")
 
 
 class EvalSpec(_Section):

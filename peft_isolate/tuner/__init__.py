@@ -17,9 +17,7 @@ def register() -> None:
 
     if PEFT_TYPE_TO_TUNER_MAPPING.get(ensure_peft_type("ISOLATION")) is IsolationModel:
         return
-    register_peft_method(
-        name="isolation", config_cls=IsolationConfig, model_cls=IsolationModel, prefix="isolation_"
-    )
+    register_peft_method(name="isolation", config_cls=IsolationConfig, model_cls=IsolationModel, prefix="isolation_")
     assert PeftType.ISOLATION in PEFT_TYPE_TO_TUNER_MAPPING
 
 

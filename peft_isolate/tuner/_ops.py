@@ -37,9 +37,7 @@ class _SparseDeltaLinear(torch.autograd.Function):
         delta = _csr(*_joined(indices, values, frozen_indices, frozen_values, compute_dtype), shape)
         y = torch.sparse.mm(delta, x2d.to(compute_dtype).T).T
         ctx.shape, ctx.compute_dtype = shape, compute_dtype
-        ctx.save_for_backward(
-            x2d if ctx.needs_input_grad[2] else None, indices, values, frozen_indices, frozen_values
-        )
+        ctx.save_for_backward(x2d if ctx.needs_input_grad[2] else None, indices, values, frozen_indices, frozen_values)
         return y.reshape(*x.shape[:-1], shape[0]).to(x.dtype)
 
     @staticmethod
@@ -50,14 +48,10 @@ class _SparseDeltaLinear(torch.autograd.Function):
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:
             delta = _csr(*_joined(indices, values, frozen_indices, frozen_values, dtype), shape)
-            grad_x = (
-                torch.sparse.mm(delta.t(), g2d.T).T.reshape(*grad_out.shape[:-1], shape[1]).to(grad_out.dtype)
-            )
+            grad_x = torch.sparse.mm(delta.t(), g2d.T).T.reshape(*grad_out.shape[:-1], shape[1]).to(grad_out.dtype)
         if ctx.needs_input_grad[2]:
             pattern = _csr(indices, torch.zeros(indices.numel(), dtype=dtype, device=indices.device), shape)
-            grad_values = (
-                torch.sparse.sampled_addmm(pattern, g2d.T, x2d.to(dtype), beta=0.0).values().to(values.dtype)
-            )
+            grad_values = torch.sparse.sampled_addmm(pattern, g2d.T, x2d.to(dtype), beta=0.0).values().to(values.dtype)
         return grad_x, None, grad_values, None, None, None
 
 

@@ -53,9 +53,7 @@ class IsolationConfig(PeftConfig):
     )
     density: float = field(
         default=0.01,
-        metadata={
-            "help": "Fraction in (0, 1] of each targeted weight that is trainable (init random/magnitude)."
-        },
+        metadata={"help": "Fraction in (0, 1] of each targeted weight that is trainable (init random/magnitude)."},
     )
     init: Literal["random", "magnitude", "regions"] = field(
         default="random", metadata={"help": "Support selection: 'random' (seeded), 'magnitude' or 'regions'."}
@@ -84,17 +82,13 @@ class IsolationConfig(PeftConfig):
         if self.init not in INIT_CHOICES:
             raise ValueError(f"init={self.init!r} is not one of {INIT_CHOICES}")
         if not 0.0 < self.density <= 1.0:
-            raise ValueError(
-                f"density={self.density} must be in (0, 1]: it is the trainable fraction of a weight"
-            )
+            raise ValueError(f"density={self.density} must be in (0, 1]: it is the trainable fraction of a weight")
         if self.regions is not None and self.init != "regions":
             raise ValueError(f"a `regions` file is only used with init='regions', not init={self.init!r}")
         for what in ("regions", "frozen"):
             path = getattr(self, what)
             if path is not None and not os.path.isfile(path):
-                raise FileNotFoundError(
-                    f"{what}={path!r} does not exist: pass a core-regions .safetensors file"
-                )
+                raise FileNotFoundError(f"{what}={path!r} does not exist: pass a core-regions .safetensors file")
 
     def to_dict(self) -> dict:
         """Serialise without machine paths: the index sets are saved in the adapter file itself."""
@@ -108,9 +102,7 @@ class IsolationConfig(PeftConfig):
         path = os.path.join(pretrained_model_name_or_path, subfolder or "")
         weights = os.path.join(path, "adapter_model.safetensors")
         if os.path.isfile(weights):
-            open_tensors(weights).__exit__(
-                None, None, None
-            )  # a clear error for a truncated file, before any load
+            open_tensors(weights).__exit__(None, None, None)  # a clear error for a truncated file, before any load
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         config._from_saved = True
         return config

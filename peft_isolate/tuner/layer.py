@@ -19,17 +19,11 @@ from .config import IsolationConfig
 def check_index_set(indices: torch.Tensor, numel: int, what: str) -> None:
     """Raise a `ValueError` naming `what` unless `indices` is a 1-D int32 sorted unique set inside `[0, numel)`."""
     if indices.dtype != torch.int32 or indices.dim() != 1:
-        raise ValueError(
-            f"{what}: expected a 1-D int32 index tensor, got {indices.dtype} of shape {indices.shape}"
-        )
+        raise ValueError(f"{what}: expected a 1-D int32 index tensor, got {indices.dtype} of shape {indices.shape}")
     if indices.numel() == 0:
         return
     if int(indices[0]) < 0 or int(indices[-1]) >= numel or not bool((indices[1:] > indices[:-1]).all()):
-        bad = (
-            "out of range"
-            if int(indices.min()) < 0 or int(indices.max()) >= numel
-            else "unsorted or duplicated"
-        )
+        bad = "out of range" if int(indices.min()) < 0 or int(indices.max()) >= numel else "unsorted or duplicated"
         raise ValueError(
             f"{what}: indices are {bad} (need sorted unique flat positions in [0, {numel}) for this weight); "
             "was the file made for another model?"
@@ -98,15 +92,11 @@ class IsolationLayer(BaseTunerLayer):
         self.isolation_indices[adapter_name] = indices
         self.isolation_frozen_indices[adapter_name] = locked
         self.isolation_frozen_values[adapter_name] = torch.zeros(locked.numel(), device=device)
-        self.isolation_frozen_locked[adapter_name] = torch.ones(
-            locked.numel(), dtype=torch.bool, device=device
-        )
+        self.isolation_frozen_locked[adapter_name] = torch.ones(locked.numel(), dtype=torch.bool, device=device)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
-    def _select_support(
-        self, config: IsolationConfig, locked: torch.Tensor, module_name: str
-    ) -> torch.Tensor:
+    def _select_support(self, config: IsolationConfig, locked: torch.Tensor, module_name: str) -> torch.Tensor:
         """The `density` fraction of entries by seeded random score or base magnitude, never a locked one."""
         numel = self.out_features * self.in_features
         k = min(int(config.density * numel), numel - locked.numel())
@@ -118,9 +108,7 @@ class IsolationLayer(BaseTunerLayer):
         score[locked.long()] = -1.0
         return torch.topk(score, k, sorted=False).indices.sort().values.to(torch.int32)
 
-    def _move_adapter_to_device_of_base_layer(
-        self, adapter_name: str, device: torch.device | None = None
-    ) -> None:
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         """Move to the base layer's device but keep dtypes: values stay fp32 even on a bf16 or 4-bit base."""
         device = device or self.get_base_layer().weight.device
         for name in self.adapter_layer_names + self.other_param_names:
@@ -183,9 +171,7 @@ class IsolationLayer(BaseTunerLayer):
         )
         return idx.numel()
 
-    def add_trainable_entries(
-        self, adapter: str, region: torch.Tensor, values: torch.Tensor | None = None
-    ) -> int:
+    def add_trainable_entries(self, adapter: str, region: torch.Tensor, values: torch.Tensor | None = None) -> int:
         """Make every entry of `region` trainable: held entries keep their value, new ones start at zero, unless
         `values` (aligned with `region`) are given. Locked entries are refused. Returns the new trainable count."""
         idx, val, f_idx, f_val, f_lock = self._parts(adapter)
@@ -215,9 +201,7 @@ def dequantized_weight(base: nn.Module) -> torch.Tensor:
         # bitsandbytes repacks 4-bit weights for its CPU inference kernel; dequantize needs the standard layout
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-            weight.data, weight.quant_state
-        )
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
     if get_bnb_param_type(weight):
         return dequantize_bnb_weight(base.weight, state=getattr(base, "state", None)).float()
     return base.weight.data
@@ -252,10 +236,7 @@ class Linear(nn.Module, IsolationLayer):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         """Size each adapter's tensors from the incoming state dict (supports differ per module) after checking it."""
         for adapter in list(self.isolation_values.keys()):
-            keys = {
-                name: f"{prefix}{name}.{adapter}"
-                for name in self.adapter_layer_names + self.other_param_names
-            }
+            keys = {name: f"{prefix}{name}.{adapter}" for name in self.adapter_layer_names + self.other_param_names}
             if not all(k in state_dict for k in keys.values()):
                 continue
             self._check_incoming({n: state_dict[k] for n, k in keys.items()}, f"{prefix}*.{adapter}")
@@ -264,9 +245,7 @@ class Linear(nn.Module, IsolationLayer):
                 if store[adapter].shape != incoming.shape:
                     old = store[adapter]
                     fresh = torch.empty(incoming.shape, dtype=old.dtype, device=old.device)
-                    store[adapter] = (
-                        nn.Parameter(fresh, old.requires_grad) if isinstance(old, nn.Parameter) else fresh
-                    )
+                    store[adapter] = nn.Parameter(fresh, old.requires_grad) if isinstance(old, nn.Parameter) else fresh
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _check_incoming(self, t: dict[str, torch.Tensor], where: str) -> None:
@@ -295,9 +274,7 @@ class Linear(nn.Module, IsolationLayer):
         base = self.get_base_layer()
         quantized = bool(get_bnb_param_type(base.weight))
         if quantized:
-            warnings.warn(
-                "Merging into a quantized base dequantizes, adds and requantizes: this rounds.", stacklevel=3
-            )
+            warnings.warn("Merging into a quantized base dequantizes, adds and requantizes: this rounds.", stacklevel=3)
         weight = dequantized_weight(base)
         weight = weight.clone() if safe_merge or quantized else weight
         idx, val, f_idx, f_val, _ = self._parts(adapter)

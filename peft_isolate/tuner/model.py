@@ -86,9 +86,7 @@ class IsolationModel(BaseTuner):
     @staticmethod
     def _create_new_module(config: IsolationConfig, adapter_name: str, target: nn.Module, **kwargs) -> Linear:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not isinstance(
-            base, nn.Linear
-        ):  # bitsandbytes Linear4bit and Linear8bitLt are nn.Linear subclasses
+        if not isinstance(base, nn.Linear):  # bitsandbytes Linear4bit and Linear8bitLt are nn.Linear subclasses
             raise TypeError(
                 f"Target module {target} is not supported: isolation adapters wrap torch.nn.Linear and "
                 "bitsandbytes Linear4bit / Linear8bitLt layers only"
@@ -107,9 +105,7 @@ class IsolationModel(BaseTuner):
         layers = dict(self._isolation_layers())
         unknown = sorted(set(sets) - set(layers))
         if unknown:
-            raise ValueError(
-                f"regions name {unknown[0]!r}, which is not an isolation-adapted weight of this model"
-            )
+            raise ValueError(f"regions name {unknown[0]!r}, which is not an isolation-adapted weight of this model")
         total = 0
         for name, region in sets.items():
             try:
