@@ -94,12 +94,17 @@ def load_task(
     every prompt: None means the source's default (reasoning-gym: DEFAULT_INSTRUCTION; files: none) and ""
     means none. `system` adds a system turn to prompts that have none.
     """
+    for what, n in (("train", train), ("eval", eval)):
+        if n is not None and n < 1:
+            raise ValueError(f"{source}: {what}={n} must be a positive number of examples (or unset)")
     if source.startswith(RG_PREFIX):
         if eval_source is not None:
             raise ValueError(f"{source}: eval_source is only for file tasks; reasoning-gym generates eval items")
         generator = source[len(RG_PREFIX) :]
         instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
-        train_ex, eval_ex, scorer = _reasoning_gym(generator, config or {}, train or 1000, eval or 200, seed)
+        train_ex, eval_ex, scorer = _reasoning_gym(
+            generator, config or {}, 1000 if train is None else train, 200 if eval is None else eval, seed
+        )
         task_name = name or generator
     else:
         if config:

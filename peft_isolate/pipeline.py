@@ -89,7 +89,7 @@ class Run:
         """(model, tokenizer) of an artifact: None is the base, a dense model directory, or an adapter on the base."""
         if artifact is None:
             return self.base()
-        if self.recipe.mode == "dense":
+        if not (artifact / "adapter_config.json").is_file():
             return load_model(artifact, "none")
         model, tokenizer = self.base()
         return PeftModel.from_pretrained(model, artifact, is_trainable=True), tokenizer
@@ -357,31 +357,27 @@ def baseline_jobs(recipe: Recipe, baseline: str, tasks: list[str], n_stages: int
 
 
 def run_evaluations(run: Run, methods: dict[str, tuple[Path | None, str]]) -> dict:
-    """Score every method on every task's held-out set (`single_task:<t>` on its own task); cached."""
+    """Score every method on every task's held-out set; cached per method. A method id `<kind>:<task>` (a
+    single-task model) is scored on its own task only and reported under `<kind>`."""
     r = run.recipe
     results = {"methods": {}, "majority": {t: majority_baseline(d) for t, d in run.tasks.items()}}
-    single: dict[str, dict] = {"tasks": {}, "exact": {}}
-    for method, (adapter, key) in methods.items():
+    for method, (artifact, key) in methods.items():
+        kind, _, own = method.partition(":")
         path = run.out / "eval" / f"{method.replace(':', '-')}.json"
-        tasks = [run.tasks[method.split(":", 1)[1]]] if method.startswith("single_task:") else list(run.tasks.values())
+        tasks = [run.tasks[own]] if own else list(run.tasks.values())
 
-        def work(adapter=adapter, path=path, tasks=tasks):
-            model, tokenizer = run.load(adapter)
+        def work(artifact=artifact, path=path, tasks=tasks):
+            model, tokenizer = run.load(artifact)
             scores = evaluate(model, tokenizer, tasks, r.eval.max_new_tokens, r.eval.batch_size)
             save_json(method_entry(scores), path)
 
         run.step(f"eval:{method}", _hash(key, r.section_hash("eval")), path, work)
-        entry = load_json(path)
-        if method.startswith("single_task:"):
-            for field in ("tasks", "exact"):
-                single[field].update(entry[field])
-        else:
-            results["methods"][method] = entry
-    if single["tasks"]:
-        results["methods"]["single_task"] = {
-            **single,
-            "avg": sum(single["tasks"].values()) / len(single["tasks"]),
-        }
+        entry = results["methods"].setdefault(kind, {"tasks": {}, "exact": {}})
+        for field, values in load_json(path).items():
+            if field != "avg":
+                entry[field].update(values)
+    for entry in results["methods"].values():
+        entry["avg"] = sum(entry["tasks"].values()) / len(entry["tasks"])
     write_results(run.out, results)
     return results
 
@@ -398,6 +394,7 @@ def run_pipeline(recipe: Recipe) -> dict:
     support = support_of(cores)
     support.save(run.out / "support.safetensors")
     methods: dict[str, tuple[Path | None, str]] = {"base": (None, recipe.section_hash("model", "quantization"))}
+    methods |= {f"probe:{t}": (run.out / "probes" / t, probe_key(run, t)) for t in run.tasks}
     base_key = _hash(cores_key(run), recipe.section_hash("plan"))
     backbone = None
     if recipe.fusion.enabled and recipe.backbone == "multistage":

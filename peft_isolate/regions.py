@@ -675,7 +675,7 @@ class _TopK:
     Candidates (value, flat index) live in a buffer of k + slack entries, in stream order. When it
     fills, it is cut to the k best and their smallest value becomes the bar a later entry must beat
     strictly (an equal later entry loses the tie). Memory: 8 bytes x (k + slack). numpy does the
-    bookkeeping: its boolean indexing is several times faster than torch's on CPU.
+    bookkeeping (compress/take are several times faster than boolean indexing on CPU).
     """
 
     def __init__(self, k: int, total: int, slack: int):
@@ -703,7 +703,7 @@ class _TopK:
             sel = np.flatnonzero(a > self.bar)
             if self.n + len(sel) > self.cap:
                 self._cut()
-                sel = sel[a[sel] > self.bar]
+                sel = np.compress(a.take(sel) > self.bar, sel)
             c = len(sel)
         if not c:
             return
@@ -712,7 +712,7 @@ class _TopK:
             self.vals[self.n : end] = a
             self.idx[self.n : end] = np.arange(start, start + c, dtype=np.int32)
         else:
-            self.vals[self.n : end] = a[sel]
+            self.vals[self.n : end] = a.take(sel)
             self.idx[self.n : end] = sel + start
         self.n = end
         if self.segments and self.segments[-1][0] == name:
@@ -735,7 +735,7 @@ class _TopK:
                     first = np.flatnonzero(v == bar)[:ties]
                     keep[first] = True
                     ties -= len(first)
-                kv, ki = v[keep], self.idx[s:e][keep]  # copies, so the in-place writes below are safe
+                kv, ki = np.compress(keep, v), np.compress(keep, self.idx[s:e])  # copies: safe to write back
                 self.vals[w : w + len(kv)], self.idx[w : w + len(kv)] = kv, ki
                 w += len(kv)
                 kept += len(kv)

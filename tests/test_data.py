@@ -74,6 +74,8 @@ def test_reasoning_gym_errors():
         load_task("reasoning_gym:chain_sm")
     with pytest.raises(ValueError, match="valid keys: .*min_terms"):
         load_task("reasoning_gym:chain_sum", config={"terms": 3})
+    with pytest.raises(ValueError, match="eval=0 must be a positive"):
+        load_task("reasoning_gym:chain_sum", eval=0)
     with pytest.raises(ValueError, match="not in `config`"):
         load_task("reasoning_gym:chain_sum", config={"seed": 1})
     with pytest.raises(ValueError, match="too few distinct questions"):

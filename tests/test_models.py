@@ -93,9 +93,7 @@ def test_load_fp32_sets_pad_and_chat_template(fresh_tiny_dir):
     assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
 
 
-@pytest.mark.parametrize(
-    ("quantization", "layer_cls"), [("nf4", bnb.nn.Linear4bit), ("int8", bnb.nn.Linear8bitLt)]
-)
+@pytest.mark.parametrize(("quantization", "layer_cls"), [("nf4", bnb.nn.Linear4bit), ("int8", bnb.nn.Linear8bitLt)])
 def test_load_quantized_on_cpu(tiny_dir, quantization, layer_cls):
     model, tokenizer = load_model(tiny_dir, quantization, device="cpu")
     assert isinstance(model.model.layers[0].self_attn.q_proj, layer_cls)

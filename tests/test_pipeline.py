@@ -40,7 +40,7 @@ def recipe_file(tmp_path, tiny_dir):
             "upper": {"source": _write_task(tmp_path / "upper.jsonl", _upper), "eval": 8},
             "count": {"source": _write_task(tmp_path / "count.jsonl", _count, seed=1), "eval": 8},
         },
-        "probe": {"method": "lora", "steps": 4, "lr": 1e-2, "rank": 4},
+        "probe": {"steps": 4, "lr": 1e-2, "rank": 4},  # lora in adapter mode, full in dense mode
         "regions": {"p": 0.05},
         "plan": {"tau": 0.9, "order": "size"},  # high tau: two stages, so the second one locks the first core
         "stages": {"steps": 4, "lr": 1e-2, "sample": 1.0},
@@ -87,7 +87,7 @@ def test_pipeline_end_to_end(recipe_file, tiny_dir, mode):
         "scores.png",
     ]:
         assert (out / artifact).exists(), artifact
-    assert set(results["methods"]) == {"base", "cpi_ft", "multitask", "multistage_random"}
+    assert set(results["methods"]) == {"base", "probe", "cpi_ft", "multitask", "multistage_random"}
     for entry in results["methods"].values():
         assert set(entry["tasks"]) == {"upper", "count"} and all(0 <= s <= 1 for s in entry["tasks"].values())
     # the first stage's cores are frozen in the second: effective weights there are bit-identical
