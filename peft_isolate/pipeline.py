@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import set_seed
 from tqdm.auto import tqdm
+from transformers import set_seed
 
 from ._io import load_json, load_tensors, save_json, save_tensors
 from .data import Example, TaskData, load_task, mix, sample
@@ -382,31 +382,47 @@ def run_evaluations(run: Run, methods: dict[str, tuple[Path | None, str]]) -> di
     return results
 
 
-def run_pipeline(recipe: Recipe) -> dict:
-    """Everything the recipe asks, in order; returns the results dict also written to results.json."""
+STEPS = ("probe", "regions", "plan", "fuse", "train-stage", "baselines", "evaluate")
+
+
+def run_pipeline(recipe: Recipe, until: str = "evaluate") -> dict | None:
+    """Everything the recipe asks, in order, up to and including step `until` (complete steps are skipped);
+    returns the results written to results.json when it gets that far."""
+    if until not in STEPS:
+        raise ValueError(f"unknown step {until!r}; the steps are {', '.join(STEPS)}")
+    last = STEPS.index(until)
     run = load_run(recipe)
     run.out.mkdir(parents=True, exist_ok=True)
     save_json(recipe.model_dump(mode="json"), run.out / "recipe.json")
     for task in run.tasks:
         run_probe(run, task)
+    if last < STEPS.index("regions"):
+        return None
     cores = {task: run_regions(run, task) for task in run.tasks}
+    if last < STEPS.index("plan"):
+        return None
     plan = run_plan(run, cores)
     support = support_of(cores)
     support.save(run.out / "support.safetensors")
+    base_key = _hash(cores_key(run), recipe.section_hash("plan"))
+    backbone = start = None
+    if recipe.fusion.enabled:
+        if recipe.backbone == "multistage":
+            backbone, _ = train_stages(run, "backbone", [StageJob(g) for g in plan.groups], base_key)
+        start = run_fusion(run, cores, support, backbone)
+    if last < STEPS.index("train-stage"):
+        return None
     methods: dict[str, tuple[Path | None, str]] = {"base": (None, recipe.section_hash("model", "quantization"))}
     methods |= {f"probe:{t}": (run.out / "probes" / t, probe_key(run, t)) for t in run.tasks}
-    base_key = _hash(cores_key(run), recipe.section_hash("plan"))
-    backbone = None
-    if recipe.fusion.enabled and recipe.backbone == "multistage":
-        backbone, _ = train_stages(run, "backbone", [StageJob(g) for g in plan.groups], base_key)
-    start = run_fusion(run, cores, support, backbone) if recipe.fusion.enabled else None
     key = _hash(base_key, fusion_key(run, backbone) if start else "")
-    methods["cpi_ft"] = train_stages(run, "stages", cpi_ft_jobs(plan, cores), key, start)
+    final, final_key = methods["cpi_ft"] = train_stages(run, "stages", cpi_ft_jobs(plan, cores), key, start)
+    copy_final = lambda: shutil.copytree(final, run.out / "final", dirs_exist_ok=True)  # noqa: E731
+    run.step("final", final_key, run.out / "final", copy_final)
+    if last < STEPS.index("baselines"):
+        return None
     for baseline in recipe.baselines:
         for method, jobs in baseline_jobs(recipe, baseline, list(run.tasks), len(plan.groups)).items():
             methods[method] = train_stages(run, method.replace(":", "-"), jobs, base_key)
-    final, final_key = methods["cpi_ft"]
-    run.step(
-        "final", final_key, run.out / "final", lambda: shutil.copytree(final, run.out / "final", dirs_exist_ok=True)
-    )
+    if last < STEPS.index("evaluate"):
+        return None
     return run_evaluations(run, methods)
