@@ -175,6 +175,11 @@ class TensorReader:
             done += n
         return out
 
+    def will_need(self, name: str) -> None:
+        """Ask the kernel to start reading tensor `name` in the background (a hint; returns at once)."""
+        begin, end = self._entry(name)["data_offsets"]
+        os.posix_fadvise(self._fd, self._data_start + begin, end - begin, os.POSIX_FADV_WILLNEED)
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)

@@ -385,12 +385,15 @@ class _Checkpoint:
     def read(self, name: str, start: int, count: int) -> torch.Tensor:
         return self.where[name].read(name, start, count)
 
+    def will_need(self, name: str) -> None:
+        self.where[name].will_need(name)
+
 
 class CheckpointDelta(DeltaSource):
     """Delta between two checkpoints (directories or single safetensors files), streamed chunk by chunk.
 
-    Only a chunk of each is in memory at a time; a background thread reads the next chunks while
-    the current one is ranked. Non-floating tensors (integer buffers) are skipped.
+    Only a chunk of each is in memory at a time, read with pread; the kernel is asked to fetch the
+    next tensor ahead. Non-floating tensors (integer buffers) are skipped.
     """
 
     def __init__(self, base: str | os.PathLike, tuned: str | os.PathLike):
@@ -410,15 +413,17 @@ class CheckpointDelta(DeltaSource):
     def iter_deltas(
         self, names: Sequence[str], chunk_size: int = DEFAULT_CHUNK
     ) -> Iterator[tuple[str, int, torch.Tensor]]:
-        def read() -> Iterator[tuple[str, int, torch.Tensor, torch.Tensor]]:
-            for name in names:
+        def read() -> Iterator[tuple[str, int, torch.Tensor]]:
+            for i, name in enumerate(names):
+                if i + 1 < len(names):  # let the kernel fetch the next tensor while this one is ranked
+                    self.base.will_need(names[i + 1])
+                    self.tuned.will_need(names[i + 1])
                 numel = math.prod(self._shapes[name])
                 for s in range(0, numel, chunk_size):
                     c = min(chunk_size, numel - s)
-                    yield name, s, self.base.read(name, s, c), self.tuned.read(name, s, c)
+                    yield name, s, _sub(self.tuned.read(name, s, c), self.base.read(name, s, c))
 
-        for name, s, b, t in _prefetch(read()):
-            yield name, s, _sub(t, b)
+        return read()
 
 
 def _parameters(model: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -799,7 +804,7 @@ def find_core_regions(
     Ties go to the earlier (parameter in `canonical_order`, flat index). One pass over the source;
     memory about 8 bytes x 2 floor(p * D) plus a few chunks. `names` restricts the selection to those
     parameters (adapter mode: the targeted linear weights). Torch runs single-threaded while streaming
-    (the work is memory-bound and a reader thread overlaps I/O); the thread count is restored after.
+    (the work is memory-bound and the source runs in a second thread); the thread count is restored after.
     """
     p = _check_p(p)
     if scope not in SCOPES:
@@ -832,14 +837,19 @@ def find_core_regions(
 
     for g in [g for g, d in left.items() if d == 0]:
         finish(g)
+
+    def magnitudes() -> Iterator[tuple[str, int, torch.Tensor, float]]:
+        for name, start, d in source.iter_deltas([n for n in order if numel[n]], chunk_size):
+            a = d.abs_()
+            yield name, start, a, float(a.max()) if a.numel() else 0.0
+
     total = sum(numel.values())
     with (
         _torch_threads(1),
         tqdm(total=total, unit="param", unit_scale=True, desc="core regions", disable=None) as bar,
     ):
-        for name, start, d in source.iter_deltas([n for n in order if numel[n]], chunk_size):
-            a = d.abs_()
-            top = float(a.max()) if a.numel() else 0.0
+        # the source (reading, B @ A, subtracting) runs a few chunks ahead in a second thread
+        for name, start, a, top in _prefetch(magnitudes()):
             if not math.isfinite(top):
                 raise ValueError(f"{source.description}: the delta of {name} is not finite (NaN or inf in a weight)")
             g = group_of[name]
