@@ -839,7 +839,7 @@ def find_core_regions(
         finish(g)
 
     def magnitudes() -> Iterator[tuple[str, int, torch.Tensor, float]]:
-        for name, start, d in source.iter_deltas([n for n in order if numel[n]], chunk_size):
+        for name, start, d in _prefetch(source.iter_deltas([n for n in order if numel[n]], chunk_size)):
             a = d.abs_()
             yield name, start, a, float(a.max()) if a.numel() else 0.0
 
@@ -849,7 +849,7 @@ def find_core_regions(
         tqdm(total=total, unit="param", unit_scale=True, desc="core regions", disable=None) as bar,
     ):
         # the source (reading, B @ A, subtracting) runs a few chunks ahead in a second thread
-        for name, start, a, top in _prefetch(magnitudes()):
+        for name, start, a, top in magnitudes():
             if not math.isfinite(top):
                 raise ValueError(f"{source.description}: the delta of {name} is not finite (NaN or inf in a weight)")
             g = group_of[name]

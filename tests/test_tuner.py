@@ -320,3 +320,64 @@ def test_trainable_region_intersecting_locked_is_refused(load_tiny):
         peft_model.base_model.add_trainable({f"{name}.weight": part})
     with pytest.raises(ValueError, match="not an isolation-adapted weight"):
         peft_model.base_model.lock({"model.embed_tokens.weight": part})
+
+
+def _regions_file(path, model, pick, shapes=None):
+    """A core-regions file over the model's targeted linear weights, taking `pick(numel)` entries of each."""
+    from peft_isolate import CoreRegions
+
+    weights = {n: p for n, p in model.named_parameters() if n.endswith("proj.weight")}
+    shapes = shapes or {n: tuple(p.shape) for n, p in weights.items()}
+    indices = {n: pick(int(torch.tensor(shapes[n]).prod())).to(torch.int32) for n in weights}
+    CoreRegions(indices, shapes).save(path)
+    return path
+
+
+def test_regions_and_frozen_files_set_the_support(load_tiny, tmp_path):
+    model = load_tiny()
+    regions = _regions_file(tmp_path / "r.safetensors", model, lambda n: torch.arange(0, n, 7))
+    frozen = _regions_file(tmp_path / "f.safetensors", model, lambda n: torch.arange(3, n, 7))
+    peft_model = get_peft_model(
+        model, IsolationConfig(target_modules="all-linear", init="regions", regions=str(regions), frozen=str(frozen))
+    )
+    for layer in layers(peft_model).values():
+        numel = layer.in_features * layer.out_features
+        assert torch.equal(layer.isolation_indices["default"], torch.arange(0, numel, 7, dtype=torch.int32))
+        assert torch.equal(layer.isolation_frozen_indices["default"], torch.arange(3, numel, 7, dtype=torch.int32))
+        assert layer.isolation_frozen_locked["default"].all()
+    saved = peft_model.peft_config["default"].to_dict()
+    assert saved["regions"] is None and saved["frozen"] is None  # no machine paths in adapter_config.json
+
+
+def test_regions_file_for_other_shapes_is_refused(load_tiny, tmp_path):
+    model = load_tiny()
+    shapes = {n: (p.shape[0] * 2, p.shape[1]) for n, p in model.named_parameters() if n.endswith("proj.weight")}
+    bad = _regions_file(tmp_path / "r.safetensors", model, lambda n: torch.arange(0, n, 5), shapes=shapes)
+    with pytest.raises(ValueError, match="made for another model"):
+        get_peft_model(model, IsolationConfig(target_modules="all-linear", init="regions", regions=str(bad)))
+
+
+def test_regions_naming_untargeted_weights_are_refused(load_tiny, tmp_path):
+    model = load_tiny()
+    regions = _regions_file(tmp_path / "r.safetensors", model, lambda n: torch.arange(0, n, 5))
+    with pytest.raises(ValueError, match="not targeted linear weights"):
+        get_peft_model(model, IsolationConfig(target_modules=["q_proj"], init="regions", regions=str(regions)))
+
+
+def test_trainable_support_intersecting_frozen_file_is_refused(load_tiny, tmp_path):
+    model = load_tiny()
+    regions = _regions_file(tmp_path / "r.safetensors", model, lambda n: torch.arange(0, n, 5))
+    frozen = _regions_file(tmp_path / "f.safetensors", model, lambda n: torch.arange(0, n, 10))
+    cfg = IsolationConfig(target_modules="all-linear", init="regions", regions=str(regions), frozen=str(frozen))
+    with pytest.raises(ValueError, match="intersects the frozen set"):
+        get_peft_model(model, cfg)
+
+
+def test_random_support_avoids_frozen_entries(load_tiny, tmp_path):
+    model = load_tiny()
+    frozen = _regions_file(tmp_path / "f.safetensors", model, lambda n: torch.arange(0, n // 2))
+    peft_model = get_peft_model(model, IsolationConfig(target_modules="all-linear", density=0.3, frozen=str(frozen)))
+    for layer in layers(peft_model).values():
+        idx = layer.isolation_indices["default"]
+        assert idx.numel() == int(0.3 * layer.in_features * layer.out_features)
+        assert not torch.isin(idx, layer.isolation_frozen_indices["default"]).any()
