@@ -207,9 +207,8 @@ def main() -> None:
         for kind in ("raw", "read", "select"):
             for cold in (True, False):
                 rows[(kind, cold)] = r = run_child(kind, root, args.p, args.chunk, cold)
-                print(
-                    f"{kind:6s} {'cold' if cold else 'warm'}: {r['seconds']:.2f} s, peak anon {r['peak_anon'] / 2**20:.0f} MiB"
-                )
+                state = "cold" if cold else "warm"
+                print(f"{kind:6s} {state}: {r['seconds']:.2f} s, peak anon {r['peak_anon'] / 2**20:.0f} MiB")
         cores = CoreRegions.load(root / "cores.safetensors")
     assert cores.size == int(args.p * total), (cores.size, args.p * total)
     other = random_like(cores, 1)
@@ -219,13 +218,14 @@ def main() -> None:
     jac = jaccard(cores, other)
 
     mib = 2**20
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     sel_c, sel_w = rows[("select", True)], rows[("select", False)]
     read_c, read_w = rows[("read", True)], rows[("read", False)]
     lines = [
         "# Core-region selection from two checkpoints (`bench/regions_select.py`)",
         "",
         f"Command: `.venv/bin/python bench/regions_select.py --params {args.params:g} --p {args.p:g}`  ",
-        f"Machine: {os.cpu_count()} CPU cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, "
+        f"Machine: {os.cpu_count()} CPU cores, {ram / 2**30:.0f} GiB RAM, "
         f"{platform.platform()}, torch {torch.__version__}, no GPU.  ",
         f"Model: Llama-shaped, {total:,} bf16 parameters per checkpoint ({len(shapes)} tensors, "
         f"{2 * total / 2**30:.2f} GiB each, ~1 GiB shards), tuned = base + N(0, 1e-3); largest tensor "
@@ -246,15 +246,18 @@ def main() -> None:
         lines.append(
             f"| {label} | {c['seconds']:.2f} | {w['seconds']:.2f} | {peak / mib:.0f} MiB | {peak / largest:.2f}x |"
         )
+    sel_peak = max(sel_c["peak_anon"], sel_w["peak_anon"])
+    sel_total = max(sel_c["peak_total"], sel_w["peak_total"])
     lines += [
         "",
         f"- Selection / read time: **{sel_c['seconds'] / read_c['seconds']:.2f}x cold, "
         f"{sel_w['seconds'] / read_w['seconds']:.2f}x warm** (goal: within 2x).",
-        f"- Selection peak memory: **{max(sel_c['peak_anon'], sel_w['peak_anon']) / largest:.2f}x the largest tensor** "
-        f"(goal: under 3x); total RSS incl. file pages peaked {max(sel_c['peak_total'], sel_w['peak_total']) / mib:.0f} MiB above start.",
+        f"- Selection peak memory: **{sel_peak / largest:.2f}x the largest tensor** (goal: under 3x); "
+        f"total RSS including mapped file pages peaked {sel_total / mib:.0f} MiB above start.",
         f"- Jaccard of two 1% regions ({cores.size:,} and {other.size:,} entries over {total:,} parameters): "
-        f"**{t_jac * 1000:.0f} ms** (best of 3); overlap matrix of the two {t_mat * 1000:.0f} ms; union {t_union * 1000:.0f} ms. "
-        f"J = {jac:.4f} (the second region is random with the same per-tensor counts).",
+        f"**{t_jac * 1000:.0f} ms** (best of 3); overlap matrix of the two {t_mat * 1000:.0f} ms; "
+        f"union {t_union * 1000:.0f} ms. J = {jac:.4f} (the second region is random with the same per-tensor "
+        "counts).",
     ]
     text = "\n".join(lines) + "\n"
     print(text)

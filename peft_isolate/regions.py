@@ -39,10 +39,6 @@ _LAYER = re.compile(r"^(.*?\.(?:layers|layer|h|blocks|block)\.\d+)\.")
 # ----------------------------------------------------------------------------------------- set algebra
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.numpy()
-
-
 def _merged(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Sorted concatenation of two sorted arrays (timsort merges the two runs in linear time)."""
     c = np.concatenate([a, b])
@@ -161,7 +157,7 @@ class CoreRegions(Mapping[str, torch.Tensor]):
                 )
         empty = torch.zeros(0, dtype=torch.int32)
         out = {
-            n: torch.from_numpy(op(_np(self.indices.get(n, empty)), _np(other.indices.get(n, empty))))
+            n: torch.from_numpy(op(self.indices.get(n, empty).numpy(), other.indices.get(n, empty).numpy()))
             for n in canonical_order(shapes)
         }
         return CoreRegions(out, {n: shapes[n] for n in out}, source=what)
@@ -209,7 +205,9 @@ def _check_index_set(idx: torch.Tensor, numel: int, name: str) -> None:
 
 def jaccard(a: CoreRegions, b: CoreRegions) -> float:
     """|A ∩ B| / |A ∪ B| over all parameters (0 when both are empty)."""
-    inter = sum(_intersection_size(_np(a.indices[n]), _np(b.indices[n])) if n in b.indices else 0 for n in a.indices)
+    inter = sum(
+        _intersection_size(a.indices[n].numpy(), b.indices[n].numpy()) if n in b.indices else 0 for n in a.indices
+    )
     union = a.size + b.size - inter
     return inter / union if union else 0.0
 
@@ -219,7 +217,9 @@ def expected_jaccard(size_a: int, size_b: int, total: int) -> float:
 
     Exact: the intersection is hypergeometric; the sum runs over mean ± 40 sd, beyond which terms vanish.
     """
-    if total <= 0 or size_a + size_b == 0:
+    if not 0 <= size_a <= total or not 0 <= size_b <= total:
+        raise ValueError(f"set sizes {size_a} and {size_b} must lie in [0, total={total}]")
+    if size_a + size_b == 0:
         return 0.0
     lo, hi = max(0, size_a + size_b - total), min(size_a, size_b)
     mean = size_a * size_b / total
@@ -328,7 +328,7 @@ def _prefetch(items: Iterator[_T], depth: int = 3) -> Iterator[_T]:
                 if not put(item):
                     return
             put(end)
-        except BaseException as e:  # noqa: BLE001 (re-raised in the consumer)
+        except BaseException as e:  # handed to the consumer, which raises it
             put(_Raised(e))
 
     thread = threading.Thread(target=work, daemon=True)
@@ -413,17 +413,14 @@ class CheckpointDelta(DeltaSource):
     def iter_deltas(
         self, names: Sequence[str], chunk_size: int = DEFAULT_CHUNK
     ) -> Iterator[tuple[str, int, torch.Tensor]]:
-        def read() -> Iterator[tuple[str, int, torch.Tensor]]:
-            for i, name in enumerate(names):
-                if i + 1 < len(names):  # let the kernel fetch the next tensor while this one is ranked
-                    self.base.will_need(names[i + 1])
-                    self.tuned.will_need(names[i + 1])
-                numel = math.prod(self._shapes[name])
-                for s in range(0, numel, chunk_size):
-                    c = min(chunk_size, numel - s)
-                    yield name, s, _sub(self.tuned.read(name, s, c), self.base.read(name, s, c))
-
-        return read()
+        for i, name in enumerate(names):
+            if i + 1 < len(names):  # let the kernel fetch the next tensor while this one is ranked
+                self.base.will_need(names[i + 1])
+                self.tuned.will_need(names[i + 1])
+            numel = math.prod(self._shapes[name])
+            for s in range(0, numel, chunk_size):
+                c = min(chunk_size, numel - s)
+                yield name, s, _sub(self.tuned.read(name, s, c), self.base.read(name, s, c))
 
 
 def _parameters(model: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -839,7 +836,7 @@ def find_core_regions(
         finish(g)
 
     def magnitudes() -> Iterator[tuple[str, int, torch.Tensor, float]]:
-        for name, start, d in _prefetch(source.iter_deltas([n for n in order if numel[n]], chunk_size)):
+        for name, start, d in source.iter_deltas([n for n in order if numel[n]], chunk_size):
             a = d.abs_()
             yield name, start, a, float(a.max()) if a.numel() else 0.0
 
@@ -849,7 +846,7 @@ def find_core_regions(
         tqdm(total=total, unit="param", unit_scale=True, desc="core regions", disable=None) as bar,
     ):
         # the source (reading, B @ A, subtracting) runs a few chunks ahead in a second thread
-        for name, start, a, top in magnitudes():
+        for name, start, a, top in _prefetch(magnitudes()):
             if not math.isfinite(top):
                 raise ValueError(f"{source.description}: the delta of {name} is not finite (NaN or inf in a weight)")
             g = group_of[name]

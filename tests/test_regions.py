@@ -323,3 +323,19 @@ def test_regions_cli_for_each_source(pair, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["regions", "--tuned", str(tuned_dir), "--out", str(out)])
     assert e.value.code == 2 and "--tuned needs --base" in capsys.readouterr().err
+
+
+def test_isolation_adapter_saved_by_the_tuner(pair, tmp_path):
+    from peft_isolate import IsolationConfig
+
+    base, _, base_dir, _ = pair
+    config = IsolationConfig(target_modules=["q_proj", "down_proj"], density=0.1, init_weights=False)
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    peft_model.save_pretrained(tmp_path / "iso")
+    merged = peft_model.merge_and_unload()
+    source = IsolationDelta(tmp_path / "iso", base=base_dir)
+    names = list(source.shapes())
+    assert len(names) == 4
+    for name in names:
+        assert torch.allclose(source.delta(name), merged.state_dict()[name] - base.state_dict()[name], atol=1e-6)
+    assert find_core_regions(source, p=0.05) == find_core_regions(ModelDelta(base, merged), p=0.05, names=names)
