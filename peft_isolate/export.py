@@ -90,7 +90,9 @@ def _model_entries(model: nn.Module) -> dict[str, tuple[tuple[int, ...], str, st
     for name, p in model.named_parameters():
         kind = get_bnb_param_type(p)
         if kind == "4bit":
-            out[name] = (tuple(p.quant_state.shape), _dtype_name(p.quant_state.dtype), p.quant_state.quant_type)
+            state = p.quant_state  # bitsandbytes' CPU repacking sets dtype to bf16 and keeps the real one aside
+            dtype = state.original_dtype if getattr(state, "packing_format_for_cpu", False) else state.dtype
+            out[name] = (tuple(state.shape), _dtype_name(dtype), state.quant_type)
         else:
             out[name] = (tuple(p.shape), _dtype_name(p.dtype), "int8" if kind == "8bit" else "none")
     for name, b in model.named_buffers():

@@ -29,7 +29,7 @@ from .models import load_model, resolve_model
 from .plan import StagePlan, draw_overlap, format_plan, plan_stages
 from .recipe import Recipe
 from .regions import CheckpointDelta, CoreRegions, DeltaSource, IsolationDelta, LoraDelta, find_core_regions
-from .training import TrainSettings, train
+from .training import TrainSettings, processes, train
 from .tuner import IsolationConfig
 
 
@@ -60,16 +60,24 @@ class Run:
     def out(self) -> Path:
         return Path(self.recipe.output_dir)
 
-    def step(self, name: str, key: str, artifact: Path, work: Callable[[], object]) -> Path:
-        """Run `work` unless `artifact` exists from a run with the same `key`; then record it as done."""
+    def step(self, name: str, key: str, artifact: Path, work: Callable[[], object], everywhere: bool = False) -> Path:
+        """Run `work` unless `artifact` exists from a run with the same `key`; then record it as done.
+
+        Under several processes (DDP) training steps (`everywhere`) run on every process and the others on the
+        main one only; files are written by the main process, and all wait for it before going on."""
         state_path = self.out / "state.json"
         state = load_json(state_path) if state_path.exists() else {}
         if state.get(name) == key and artifact.exists():
             return artifact
-        print(f"[peft-isolate] {name}", flush=True)
-        work()
-        state = load_json(state_path) if state_path.exists() else {}
-        save_json({**state, name: key}, state_path)
+        main = processes().is_main_process
+        if main:
+            print(f"[peft-isolate] {name}", flush=True)
+        if everywhere or main:
+            work()
+        if main:
+            state = load_json(state_path) if state_path.exists() else {}
+            save_json({**state, name: key}, state_path)
+        processes().wait_for_everyone()
         return artifact
 
     def settings(self, steps: int, lr: float) -> TrainSettings:
@@ -83,20 +91,21 @@ class Run:
         return mix(chosen, steps * t.batch_size * t.grad_accum, t.seed)
 
     def base(self):
-        return load_model(self.recipe.model, self.recipe.quantization)
+        return load_model(self.recipe.model, self.recipe.quantization, device=processes().device)
 
     def load(self, artifact: Path | None):
         """(model, tokenizer) of an artifact: None is the base, a dense model directory, or an adapter on the base."""
         if artifact is None:
             return self.base()
         if not (artifact / "adapter_config.json").is_file():
-            return load_model(artifact, "none")
+            return load_model(artifact, "none", device=processes().device)
         model, tokenizer = self.base()
         return PeftModel.from_pretrained(model, artifact, is_trainable=True), tokenizer
 
-    def save(self, model, tokenizer, path: Path) -> Path:
-        """Save an adapter (adapter mode) or a whole model with its tokenizer (dense mode), atomically."""
-        return save_pretrained_atomic(model, path, tokenizer if self.recipe.mode == "dense" else None)
+    def save(self, model, tokenizer, path: Path) -> None:
+        """Save an adapter (adapter mode) or a whole model with its tokenizer (dense mode), atomically, once."""
+        if processes().is_main_process:
+            save_pretrained_atomic(model, path, tokenizer if self.recipe.mode == "dense" else None)
 
 
 def load_run(recipe: Recipe) -> Run:
@@ -146,9 +155,10 @@ def run_probe(run: Run, task: str) -> Path:
             )
         steps = r.probe.steps
         train(model, tokenizer, run.examples([task], steps), run.settings(steps, r.probe.lr), f"{out}.work")
-        save_pretrained_atomic(model, out, tokenizer if r.probe_method == "full" else None)
+        if processes().is_main_process:
+            save_pretrained_atomic(model, out, tokenizer if r.probe_method == "full" else None)
 
-    return run.step(f"probe:{task}", probe_key(run, task), out, work)
+    return run.step(f"probe:{task}", probe_key(run, task), out, work, everywhere=True)
 
 
 def delta_source(run: Run, task: str) -> DeltaSource:
@@ -331,7 +341,7 @@ def train_stages(run: Run, name: str, jobs: list[StageJob], key: str, start: Pat
             train(model, tokenizer, examples, run.settings(steps, r.stages.lr), f"{out}.work", frozen=frozen)
             run.save(model, tokenizer, out)
 
-        previous = run.step(f"{name}:{k}", key, out, work)
+        previous = run.step(f"{name}:{k}", key, out, work, everywhere=True)
     return previous, key
 
 

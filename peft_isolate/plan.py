@@ -206,15 +206,9 @@ def draw_overlap(plan: StagePlan, path: str | os.PathLike) -> Path:
     for i in range(n):
         for j in range(n):
             if i != j:
-                ax.text(
-                    j,
-                    i,
-                    f"{jac[i, j]:.3f}\n({chance[i, j]:.3f})",
-                    ha="center",
-                    va="center",
-                    fontsize=8,
-                    color="w",
-                )
+                color = "k" if jac[i, j] > 0.6 * vmax else "w"  # readable on both ends of viridis
+                label = f"{jac[i, j]:.3f}\n({chance[i, j]:.3f})"
+                ax.text(j, i, label, ha="center", va="center", fontsize=8, color=color)
     start = 0
     for k, s in enumerate(plan.stages, 1):
         size = len(s.tasks)

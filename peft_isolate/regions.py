@@ -46,23 +46,26 @@ def _merged(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return c
 
 
+# np.compress rather than boolean indexing: several times faster on large arrays
+
+
 def _intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     c = _merged(a, b)
-    return c[1:][c[1:] == c[:-1]]
+    return np.compress(c[1:] == c[:-1], c[1:])
 
 
 def _union(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     c = _merged(a, b)
     keep = np.ones(len(c), dtype=bool)
     keep[1:] = c[1:] != c[:-1]
-    return c[keep]
+    return np.compress(keep, c)
 
 
 def _difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if not len(b):
         return a
     i = np.minimum(np.searchsorted(b, a), len(b) - 1)
-    return a[b[i] != a]
+    return np.compress(b[i] != a, a)
 
 
 def _intersection_size(a: np.ndarray, b: np.ndarray) -> int:
@@ -240,7 +243,8 @@ def overlap_matrix(regions: Mapping[str, CoreRegions]) -> torch.Tensor:
     tasks = list(regions)
     m = torch.zeros(len(tasks), len(tasks), dtype=torch.float64)
     for i, a in enumerate(tasks):
-        for j in range(i, len(tasks)):
+        m[i, i] = 1.0 if regions[a].size else 0.0
+        for j in range(i + 1, len(tasks)):
             m[i, j] = m[j, i] = jaccard(regions[a], regions[tasks[j]])
     return m
 
@@ -614,16 +618,15 @@ class IsolationDelta(DeltaSource):
             self.entries[name] = (idx, val[order])
         shapes = base_shapes(base)
         for name, (idx, _) in self.entries.items():
-            if name not in shapes or (idx.numel() and int(idx[-1]) >= math.prod(shapes[name])):
-                raise ValueError(
-                    f"isolation adapter {adapter} does not match its base model: the base has "
-                    + (
-                        f"no {name}"
-                        if name not in shapes
-                        else f"{name} of shape {shapes[name]}, too small for index {int(idx[-1])}"
-                    )
-                    + "; pass the base it was trained on"
-                )
+            if name not in shapes:
+                problem = f"the base has no {name}"
+            elif idx.numel() and int(idx[-1]) >= math.prod(shapes[name]):
+                problem = f"{name} has index {int(idx[-1])} but the base weight has shape {shapes[name]}"
+            else:
+                continue
+            raise ValueError(
+                f"isolation adapter {adapter} does not match its base model: {problem}; pass the base it was trained on"
+            )
         self._shapes = {n: shapes[n] for n in self.entries}
         self.description = f"isolation adapter={adapter}"
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
@@ -21,6 +22,13 @@ from ._io import save_json
 from .data import Example, SFTCollator, tokenize_sft
 
 COMPLETE = "complete.json"
+
+
+def processes() -> PartialState:
+    """This process's place among the training processes (one, or several under torchrun/accelerate launch).
+
+    Without a GPU, several processes train on CPU with gloo, which accelerate only sets up when told `cpu`."""
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 @dataclass(frozen=True)
@@ -69,7 +77,8 @@ class _MarkComplete(TrainerCallback):
     """Writes the completion marker into each checkpoint after the Trainer has saved it."""
 
     def on_save(self, args, state, control, **kwargs):
-        save_json({"step": state.global_step}, Path(args.output_dir) / f"checkpoint-{state.global_step}" / COMPLETE)
+        if state.is_world_process_zero:
+            save_json({"step": state.global_step}, Path(args.output_dir) / f"checkpoint-{state.global_step}" / COMPLETE)
 
 
 def train(
@@ -81,12 +90,19 @@ def train(
     frozen: Mapping[str, torch.Tensor] | None = None,
 ) -> float:
     """Train `model` in place for `settings.steps` optimizer steps on `examples`; resume from the last complete
-    checkpoint in `output_dir` if there is one. Returns the final training loss."""
+    checkpoint in `output_dir` if there is one. Returns the final training loss.
+
+    Under `accelerate launch` / `torchrun` (DDP) each process takes `batch_size / world size` examples, in the
+    same order a single process would, so the global batch and the result stay those of one process."""
+    world = processes().num_processes
+    if settings.batch_size % world:
+        raise ValueError(f"batch_size {settings.batch_size} is not divisible by the {world} processes; change one")
     args = TrainingArguments(
         output_dir=str(output_dir),
         max_steps=settings.steps,
         learning_rate=settings.lr,
-        per_device_train_batch_size=settings.batch_size,
+        per_device_train_batch_size=settings.batch_size // world,
+        train_sampling_strategy="sequential",  # `examples` come shuffled; keep their order on any world size
         gradient_accumulation_steps=settings.grad_accum,
         weight_decay=settings.weight_decay,
         lr_scheduler_type="constant",
@@ -100,6 +116,7 @@ def train(
         remove_unused_columns=False,
         disable_tqdm=False,
         dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),
     )
     callbacks: list[TrainerCallback] = [_MarkComplete()]
     if frozen:
@@ -113,6 +130,7 @@ def train(
     )
     resume = completed_checkpoint(output_dir)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    for ckpt in Path(output_dir).glob("checkpoint-*"):
-        shutil.rmtree(ckpt, ignore_errors=True)
+    if trainer.is_world_process_zero():
+        for ckpt in Path(output_dir).glob("checkpoint-*"):
+            shutil.rmtree(ckpt, ignore_errors=True)
     return float(result.training_loss)

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
 from tiny import tiny_llama
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 QUANTIZATION = {
     "fp32": None,
-    "nf4": BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-    ),
+    "nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
     "int8": BitsAndBytesConfig(load_in_8bit=True),
 }
 

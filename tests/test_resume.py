@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors.torch import load_file
-
 from test_pipeline import recipe_file  # noqa: F401 (fixture)
 
 RUN = (

@@ -28,9 +28,7 @@ def logits(model, tokens=TOKENS):
 
 
 def train_steps(model, steps=3, lr=1e-2, weight_decay=0.1):
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
-    )
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     for _ in range(steps):
         loss = model(TOKENS, labels=TOKENS).loss
         loss.backward()
@@ -78,9 +76,7 @@ def test_only_sparse_values_train(load_tiny, kind):
 def _stage_model(load_tiny, kind):
     """An adapter with trained values, then a third of each support locked and a third held."""
     model = load_tiny(kind)
-    peft_model = get_peft_model(
-        model, IsolationConfig(target_modules="all-linear", density=0.1, init_weights=False)
-    )
+    peft_model = get_peft_model(model, IsolationConfig(target_modules="all-linear", density=0.1, init_weights=False))
     lock, keep = {}, {}
     for name, layer in layers(peft_model.base_model.model).items():
         idx = layer.isolation_indices["default"]
@@ -107,8 +103,8 @@ def _locked_effective_weights(peft_model):
 def test_frozen_values_bit_identical_after_adamw_with_weight_decay(load_tiny, kind):
     peft_model = _stage_model(load_tiny, kind)
     before = {
-        n: (l.isolation_frozen_values["default"].clone(), l.isolation_values["default"].detach().clone())
-        for n, l in layers(peft_model).items()
+        n: (layer.isolation_frozen_values["default"].clone(), layer.isolation_values["default"].detach().clone())
+        for n, layer in layers(peft_model).items()
     }
     eff_before = _locked_effective_weights(peft_model) if kind == "fp32" else None
     train_steps(peft_model, steps=3, lr=1e-2, weight_decay=0.5)
@@ -134,31 +130,23 @@ def test_stage_operations_move_entries_between_parts(load_tiny):
     with pytest.raises(ValueError, match="locked"):
         peft_model.base_model.add_trainable({f"{name}.weight": locked_entry})
     held = layer.isolation_frozen_indices["default"][~layer.isolation_frozen_locked["default"]][:2]
-    held_values = layer.isolation_frozen_values["default"][~layer.isolation_frozen_locked["default"]][
-        :2
-    ].clone()
+    held_values = layer.isolation_frozen_values["default"][~layer.isolation_frozen_locked["default"]][:2].clone()
     peft_model.base_model.add_trainable({f"{name}.weight": held})
     where = torch.isin(layer.isolation_indices["default"], held)
     assert torch.equal(layer.isolation_values["default"].detach()[where], held_values)
     given = torch.tensor([0.5, -0.5])
     fresh = torch.tensor([0, 1], dtype=torch.int32)
     fresh = fresh[
-        ~torch.isin(
-            fresh, torch.cat([layer.isolation_indices["default"], layer.isolation_frozen_indices["default"]])
-        )
+        ~torch.isin(fresh, torch.cat([layer.isolation_indices["default"], layer.isolation_frozen_indices["default"]]))
     ]
-    peft_model.base_model.add_trainable(
-        {f"{name}.weight": fresh}, values={f"{name}.weight": given[: fresh.numel()]}
-    )
+    peft_model.base_model.add_trainable({f"{name}.weight": fresh}, values={f"{name}.weight": given[: fresh.numel()]})
     where = torch.isin(layer.isolation_indices["default"], fresh)
     assert torch.equal(layer.isolation_values["default"].detach()[where], given[: fresh.numel()])
 
 
 def _dense_reference_grads(layer, x, grad_out):
     """Gradient of a dense W = base + delta at the support, by plain autograd."""
-    w = (
-        dequantized_weight(layer.get_base_layer()).float() + layer.get_delta_weight("default")
-    ).requires_grad_()
+    w = (dequantized_weight(layer.get_base_layer()).float() + layer.get_delta_weight("default")).requires_grad_()
     y = x @ w.T
     y.backward(grad_out)
     return w.grad.flatten()[layer.isolation_indices["default"].long()], y
@@ -182,9 +170,7 @@ def test_value_gradient_is_dense_weight_gradient_at_indices(load_tiny, kind):
 def test_merged_forward_equals_unmerged(load_tiny, kind):
     model = load_tiny(kind)
     base_ref = logits(model)
-    peft_model = get_peft_model(
-        model, IsolationConfig(target_modules="all-linear", density=0.1, init_weights=False)
-    )
+    peft_model = get_peft_model(model, IsolationConfig(target_modules="all-linear", density=0.1, init_weights=False))
     unmerged = logits(peft_model)
     assert not torch.equal(unmerged, base_ref)
     with pytest.warns(UserWarning, match="rounds") if kind != "fp32" else _nullcontext():
@@ -215,15 +201,11 @@ class _nullcontext:
 def test_disable_unload_and_multiple_adapters(load_tiny):
     model = load_tiny("fp32")
     base_ref = logits(model)
-    peft_model = get_peft_model(
-        model, IsolationConfig(target_modules="all-linear", density=0.1, init_weights=False)
-    )
+    peft_model = get_peft_model(model, IsolationConfig(target_modules="all-linear", density=0.1, init_weights=False))
     first = logits(peft_model)
     with peft_model.disable_adapter():
         assert torch.equal(logits(peft_model), base_ref)
-    peft_model.add_adapter(
-        "other", IsolationConfig(target_modules=["q_proj"], density=0.2, init_weights=False, seed=7)
-    )
+    peft_model.add_adapter("other", IsolationConfig(target_modules=["q_proj"], density=0.2, init_weights=False, seed=7))
     peft_model.set_adapter("other")
     other = logits(peft_model)
     assert not torch.equal(other, first)

@@ -1,0 +1,418 @@
+"""Reliability (issue 7): a pipeline run that is killed, runs out of disk or finds a damaged artifact either
+recovers to exactly what an unbroken run gives or stops with an error that names the file.
+
+Every scenario starts from the recipe of tests/test_pipeline.py (tiny Llama, two tiny JSONL tasks) as
+tests/test_resume.py shapes it (no baselines, 6 stage steps, a checkpoint every 2 steps), and is compared with
+one uninterrupted reference run: the final adapter within atol 1e-6 (resuming from a Trainer checkpoint is exact
+up to float reduction order) and results.json's scores exactly.
+
+Set PEFT_ISOLATE_FAULT_SEEDS=N to kill at N random points instead of 3 (a soak run).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import load_file
+from test_pipeline import recipe_file  # noqa: F401 (fixture)
+from test_resume import _final, _with
+
+from peft_isolate import pipeline, training
+from peft_isolate.pipeline import run_pipeline, save_pretrained_atomic
+from peft_isolate.recipe import load_recipe
+from peft_isolate.training import COMPLETE
+
+ATOL = 1e-6
+# run_pipeline in a fresh interpreter, optionally under a file-size limit (a full disk: with SIGXFSZ ignored, a
+# write past the limit fails with OSError EFBIG instead of killing the process)
+RUNNER = """
+import resource, signal, sys
+from peft_isolate.pipeline import run_pipeline
+from peft_isolate.recipe import load_recipe
+recipe, until, limit = load_recipe(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+if limit:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+run_pipeline(recipe, until)
+"""
+
+_CACHE: dict[str, object] = {}  # expensive runs shared by the tests of this module (one process, run once)
+
+
+class Crash(BaseException):
+    """A simulated kill at an exact point (what SIGKILL would do there, deterministically)."""
+
+
+def _command(recipe: Path, until: str = "evaluate", limit: int = 0) -> list[str]:
+    return [sys.executable, "-c", RUNNER, str(recipe), until, str(limit)]
+
+
+def _run(recipe: Path, until: str = "evaluate", limit: int = 0, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(_command(recipe, until, limit), capture_output=True, text=True)
+    if check and proc.returncode:
+        pytest.fail(f"pipeline run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def _results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture
+def reference(recipe_file, tmp_path_factory):  # noqa: F811
+    """(recipe, output dir) of one uninterrupted run, made once; every test derives its recipe from this one
+    (same task files, so the same step keys)."""
+    if "reference" not in _CACHE:
+        out = tmp_path_factory.mktemp("reference") / "whole"
+        recipe = _with(recipe_file, out)
+        _run(recipe)
+        _CACHE["reference"] = (recipe, out)
+    return _CACHE["reference"]
+
+
+# --- what a run directory may trust ---------------------------------------------------------------------------
+
+
+def _artifact(out: Path, step: str) -> Path:
+    """The artifact a state.json entry vouches for."""
+    kind, _, arg = step.partition(":")
+    paths = {
+        "probe": out / "probes" / arg,
+        "cores": out / "cores" / f"{arg}.safetensors",
+        "plan": out / "plan.json",
+        "fused": out / "fused" / "delta.safetensors",
+        "final": out / "final",
+        "eval": out / "eval" / f"{arg.replace(':', '-')}.json",
+    }
+    if kind in paths:
+        return paths[kind]
+    if arg.isdigit():  # stages:k, backbone:k and baselines <method>:k
+        return out / kind / arg
+    raise AssertionError(f"state.json names step {step!r}, which this test does not know: teach _artifact")
+
+
+def _load_error(path: Path) -> str | None:
+    """Why `path` (a file, or every file of a folder) does not load back; None if it does."""
+    if not path.exists():
+        return f"{path} does not exist"
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if path.is_dir() and not any(f.suffix == ".safetensors" for f in files):
+        return f"{path} holds no safetensors file"
+    for f in files:
+        try:
+            if f.suffix == ".safetensors":
+                load_file(f)
+            elif f.suffix == ".json":
+                json.loads(f.read_text())
+            elif f.suffix in (".pt", ".pth", ".bin"):
+                torch.load(f, weights_only=False)
+        except Exception as e:  # noqa: BLE001 (any failure to read back is the finding)
+            return f"{f}: {type(e).__name__}: {e}"
+    return None
+
+
+def _assert_trusted_files_load(out: Path) -> None:
+    """Everything the run directory vouches for reads back: state.json, each artifact state.json records as
+    complete, each Trainer checkpoint that has its completion marker, and results.json."""
+    problems = []
+    state_path = out / "state.json"
+    state = {}
+    if state_path.exists():
+        problems.append(_load_error(state_path))
+        state = json.loads(state_path.read_text()) if problems[-1] is None else {}
+    problems += [_load_error(_artifact(out, step)) for step in state]
+    problems += [_load_error(marker.parent) for marker in out.glob(f"**/checkpoint-*/{COMPLETE}")]
+    if (out / "results.json").exists():
+        problems.append(_load_error(out / "results.json"))
+    problems = [p for p in problems if p]
+    assert not problems, "half-written files are trusted:\n" + "\n".join(problems)
+
+
+def _assert_same_result(out: Path, ref: Path) -> None:
+    """The final adapter within ATOL of the reference's and results.json's scores equal."""
+    a, b = _final(ref), _final(out)
+    assert a.keys() == b.keys()
+    for key in a:
+        if a[key].is_floating_point():
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=ATOL, msg=lambda m, k=key: f"{k}: {m}")
+        else:
+            assert torch.equal(a[key], b[key]), key
+    got, want = _results(out), _results(ref)
+    assert got["methods"] == want["methods"]
+    assert got["majority"] == want["majority"]
+
+
+def _temp_files(out: Path) -> list[str]:
+    """Leftovers of interrupted atomic writes: `.<name>.<random>.tmp` files and `.<name>.tmp` folders."""
+    return sorted(str(p.relative_to(out)) for p in out.rglob(".*"))
+
+
+def _safetensors_content(data: bytes) -> tuple[dict[str, list], dict[str, str]]:
+    """A safetensors file's tensors (as lists) and header metadata, independent of the header's key order."""
+    n = int.from_bytes(data[:8], "little")
+    return {k: v.tolist() for k, v in safetensors_load(data).items()}, json.loads(data[8 : 8 + n]).get("__metadata__")
+
+
+def _snapshot(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+# --- 1. SIGKILL anywhere ------------------------------------------------------------------------------------
+
+# Where a kill lands: after this path appears under the run directory, plus a random delay. Seed k draws from
+# group k % 3, so three seeds cover the probes, regions/plan/fusion/first stage, and second stage/evaluation.
+KILL_POINTS = [
+    [
+        "probes/count.work/checkpoint-2/complete.json",
+        "probes/count",
+        "probes/upper.work/checkpoint-2/complete.json",
+        "probes/upper",
+    ],
+    [
+        "cores/count.safetensors",
+        "plan.json",
+        "fused/delta.safetensors",
+        "stages/0.work/checkpoint-2/complete.json",
+        "stages/0.work/checkpoint-4/complete.json",
+    ],
+    [
+        "stages/0",
+        "stages/1.work/checkpoint-2/complete.json",
+        "stages/1.work/checkpoint-4/complete.json",
+        "final",
+        "eval/base.json",
+    ],
+]
+SEEDS = range(int(os.environ.get("PEFT_ISOLATE_FAULT_SEEDS", "3")))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_sigkill_at_a_random_point_then_rerun_matches_an_unbroken_run(seed, reference, tmp_path):
+    ref_recipe, ref_out = reference
+    rng = random.Random(seed)
+    point, delay = rng.choice(KILL_POINTS[seed % len(KILL_POINTS)]), rng.uniform(0.0, 0.3)
+    out = tmp_path / "broken"
+    recipe = _with(ref_recipe, out)
+    log = tmp_path / "killed.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(_command(recipe), stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 300
+            while not (out / point).exists() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.01)
+            assert (out / point).exists(), f"the run never reached {point}:\n{log.read_text()[-3000:]}"
+            time.sleep(delay)
+            assert proc.poll() is None, f"the run ended within {delay:.2f}s of {point}: no kill happened"
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    print(f"seed {seed}: killed {delay:.2f}s after {point}")
+    _assert_trusted_files_load(out)
+    _run(recipe)
+    _assert_trusted_files_load(out)
+    _assert_same_result(out, ref_out)
+
+
+def test_kill_while_finished_checkpoints_are_deleted_does_not_wedge_the_step(reference, tmp_path, monkeypatch):
+    """train() deletes its checkpoints once the step's training is done. A kill in the middle of that rmtree
+    can leave a `checkpoint-N/` whose files are gone but whose completion marker is still there (rmtree deletes
+    in directory order); the rerun must not resume from it (it should train afresh to the same adapter)."""
+    ref_recipe, ref_out = reference
+    out = tmp_path / "run"
+    recipe = load_recipe(_with(ref_recipe, out))
+
+    def rmtree(path, *args, **kwargs):
+        path = Path(path)
+        if any(p != path for p in path.parent.glob("checkpoint-*")):
+            return shutil.rmtree(path, *args, **kwargs)  # not the last one: it went completely
+        for f in path.iterdir():  # the last one: killed with only the marker left
+            if f.name != COMPLETE:
+                shutil.rmtree(f) if f.is_dir() else f.unlink()
+        raise Crash(f"killed while deleting {path}")
+
+    monkeypatch.setattr(training, "shutil", SimpleNamespace(rmtree=rmtree))
+    with pytest.raises(Crash):
+        run_pipeline(recipe, "probe")
+    monkeypatch.undo()
+    run_pipeline(recipe, "probe")
+    _assert_trusted_files_load(out)
+    for task in ("count", "upper"):
+        a = load_file(ref_out / "probes" / task / "adapter_model.safetensors")
+        b = load_file(out / "probes" / task / "adapter_model.safetensors")
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=ATOL)
+
+
+def test_artifact_redone_for_another_recipe_is_not_trusted_for_the_old_one(reference, tmp_path, monkeypatch):
+    """Recipe A completes; recipe B (another stage lr) redoes stage 0 and is killed after the new stages/0 is in
+    place but before state.json records it. state.json still says stage 0 is done under A's key, so a rerun of
+    A must not take B's stages/0 for its own."""
+    ref_recipe, ref_out = reference
+    out = tmp_path / "run"
+    shutil.copytree(ref_out, out)
+    recipe_a = _with(ref_recipe, out)
+    data = yaml.safe_load(recipe_a.read_text())
+    data["stages"]["lr"] = data["stages"]["lr"] / 2
+    recipe_b = tmp_path / "b.yaml"
+    recipe_b.write_text(yaml.safe_dump(data))
+    key_a = json.loads((out / "state.json").read_text())["stages:0"]
+    real = pipeline.save_json
+
+    def save_json(obj, path):
+        if Path(path).name == "state.json" and obj.get("stages:0") not in (None, key_a):
+            raise Crash("killed before state.json recorded stage 0 of recipe B")
+        return real(obj, path)
+
+    monkeypatch.setattr(pipeline, "save_json", save_json)
+    with pytest.raises(Crash):
+        run_pipeline(load_recipe(recipe_b))
+    monkeypatch.undo()
+    run_pipeline(load_recipe(recipe_a))
+    a = load_file(ref_out / "stages" / "0" / "adapter_model.safetensors")
+    b = load_file(out / "stages" / "0" / "adapter_model.safetensors")
+    for key in a:
+        if a[key].is_floating_point():
+            torch.testing.assert_close(
+                b[key], a[key], rtol=0, atol=ATOL, msg=lambda m, k=key: f"stages/0 is recipe B's, not A's ({k}): {m}"
+            )
+    _assert_same_result(out, ref_out)
+
+
+# --- 2. full disk ---------------------------------------------------------------------------------------------
+
+
+def _error_block(stderr: str) -> str:
+    """The exception lines of a traceback (messages and notes), without the frames and their source lines."""
+    lines = stderr.splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith('  File "')]
+    tail = lines[frames[-1] + 1 :] if frames else lines
+    return "\n".join(line for line in tail if not line.startswith("    "))
+
+
+@pytest.fixture
+def full_disk(reference, tmp_path_factory):
+    """One run dir taken through fusion, then run twice under a file-size limit: once failing on
+    support.safetensors (rewritten by every run), once failing in stage 0 (its Trainer checkpoint or adapter).
+    Records each failed run and the directory before and after it; made once."""
+    if "full_disk" not in _CACHE:
+        ref_recipe, ref_out = reference
+        out = tmp_path_factory.mktemp("full-disk") / "run"
+        recipe = _with(ref_recipe, out)
+        _run(recipe, "fuse")
+        support = (out / "support.safetensors").stat().st_size
+        stage = (ref_out / "stages" / "0" / "adapter_model.safetensors").stat().st_size
+        assert (out / "recipe.json").stat().st_size < support // 2 and support < stage
+        cases = {}
+        for case, limit, target in [
+            ("support", support // 2, out / "support.safetensors"),
+            ("stage", (support + stage) // 2, out / "stages" / "0"),
+        ]:
+            before = _snapshot(out)
+            proc = _run(recipe, limit=limit, check=False)
+            cases[case] = SimpleNamespace(
+                limit=limit, target=target, proc=proc, before=before, after=_snapshot(out), temp=_temp_files(out)
+            )
+        _CACHE["full_disk"] = (recipe, out, cases)
+    return _CACHE["full_disk"]
+
+
+def test_full_disk_keeps_earlier_artifacts_and_a_rerun_completes(full_disk, reference):
+    recipe, out, cases = full_disk
+    for case in cases.values():
+        assert case.proc.returncode != 0, f"the run under a {case.limit}-byte file limit did not fail"
+        assert "Traceback" in case.proc.stderr and "File too large" in case.proc.stderr, case.proc.stderr[-3000:]
+        for name, data in case.before.items():
+            assert name in case.after, f"{name} disappeared when a later write failed"
+            if name == "support.safetensors" and case.target.name != name:
+                # rewritten by every run; safetensors orders its header at random, so compare the content
+                assert _safetensors_content(case.after[name]) == _safetensors_content(data), name
+                continue
+            assert case.after[name] == data, f"{name} changed when a later write failed"
+        assert not case.temp, f"temp files left behind after a failed write: {case.temp}"
+    _assert_trusted_files_load(out)
+    _run(recipe)
+    _assert_trusted_files_load(out)
+    _assert_same_result(out, reference[1])
+
+
+def test_full_disk_error_names_the_file_and_the_os_error(full_disk):
+    _, out, cases = full_disk
+    for name, case in cases.items():
+        message = _error_block(case.proc.stderr)
+        assert "File too large" in message or f"Errno {errno.EFBIG}" in message, f"{name}: {message}"
+        assert str(case.target) in message, (
+            f"a write under {case.target} failed on a full disk, but the error does not say which file:\n{message}"
+        )
+
+
+def test_failed_adapter_save_keeps_the_old_one_and_leaves_no_temp_folder(tmp_path):
+    """save_pretrained_atomic when the disk fills half-way through a save (rlimit cannot reach this path in the
+    pipeline: each step's Trainer writes a checkpoint of the same size first)."""
+
+    class FullDisk:
+        def save_pretrained(self, path):
+            Path(path).mkdir(parents=True)
+            (Path(path) / "adapter_model.safetensors").write_bytes(b"half")
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+
+    target = tmp_path / "stages" / "0"
+    target.mkdir(parents=True)
+    (target / "adapter_model.safetensors").write_bytes(b"old")
+    with pytest.raises(OSError) as info:
+        save_pretrained_atomic(FullDisk(), target)
+    assert (target / "adapter_model.safetensors").read_bytes() == b"old"
+    leftovers = _temp_files(tmp_path)
+    assert not leftovers, f"a failed save leaves {leftovers}"
+    assert str(target) in str(info.value), f"the error does not name {target}: {info.value}"
+
+
+# --- 3. truncated artifacts -----------------------------------------------------------------------------------
+
+DAMAGED = [
+    "cores/upper.safetensors",
+    "stages/0/adapter_model.safetensors",
+    "stages/1/adapter_model.safetensors",
+    "probes/count/adapter_model.safetensors",
+    "fused/delta.safetensors",
+    "final/adapter_model.safetensors",
+    "plan.json",
+    "eval/cpi_ft.json",
+]
+
+
+@pytest.mark.parametrize("victim", DAMAGED)
+def test_truncated_artifact_is_redone_or_named(victim, reference, tmp_path):
+    """A completed run dir with one artifact cut to half its size: the rerun redoes that step (the file reads
+    back again and the result equals the reference) or fails with an error naming the file; never trusts it."""
+    ref_recipe, ref_out = reference
+    out = tmp_path / "run"
+    shutil.copytree(ref_out, out)
+    path = out / victim
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    try:
+        run_pipeline(load_recipe(_with(ref_recipe, out)))
+    except Exception as e:  # noqa: BLE001
+        assert str(path) in str(e), f"the rerun failed without naming {path}: {type(e).__name__}: {e}"
+        print(f"{victim}: the rerun fails naming it: {e}")
+        return
+    assert _load_error(path) is None, f"the rerun completed and silently trusted the truncated {victim}"
+    _assert_same_result(out, ref_out)
+    print(f"{victim}: the rerun redid it")
