@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args) or 0
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         parser.exit(2, f"peft-isolate {args.command}: error: {e}\n")
 
 
@@ -203,6 +203,71 @@ def demo(args: argparse.Namespace) -> int:
 
 
 DEMO_RECIPE = Path(__file__).parent / "demo.yaml"
+
+
+def _print_report(report: dict) -> None:
+    import json
+
+    print(json.dumps(report, indent=2, default=str))
+
+
+@command("export", "Write an isolation adapter's delta as a standalone sparse-delta safetensors file.")
+@arg("adapter", help="isolation adapter directory")
+@arg("--out", required=True, help="output file, e.g. delta.safetensors")
+@arg("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="dtype of the values")
+@arg("--base", help="base checkpoint for shapes and fingerprint (default: the adapter's recorded base)")
+@arg("--quantization", choices=["none", "nf4", "int8"], default="none", help="fingerprint the base loaded so")
+def export(args: argparse.Namespace) -> None:
+    import torch
+
+    from .export import export_delta
+    from .models import load_model
+
+    base = args.base
+    if base and args.quantization != "none":
+        base = load_model(base, args.quantization)[0]
+    _print_report(export_delta(args.adapter, args.out, getattr(torch, args.dtype), base))
+
+
+@command("apply", "Add a sparse delta to a model and save the result (4-bit/8-bit: requantized, error reported).")
+@arg("model", help="model directory, .gguf or alias")
+@arg("delta", help="sparse-delta file")
+@arg("--out", required=True, help="output model directory")
+@arg("--quantization", choices=["none", "nf4", "int8"], default="none", help="load the model so first")
+@arg("--force", action="store_true", help="apply even if the delta was made for another base fingerprint")
+def apply(args: argparse.Namespace) -> None:
+    from .export import apply_delta
+    from .models import load_model
+
+    model, tokenizer = load_model(args.model, args.quantization)
+    report = apply_delta(model, args.delta, force=args.force)
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    _print_report(report)
+
+
+@command("merge", "Stream-merge a sparse delta into a base checkpoint, shard by shard (peak memory ~ one tensor).")
+@arg("--base", required=True, help="base checkpoint directory (safetensors, sharded or not)")
+@arg("--delta", required=True, help="sparse-delta file")
+@arg("--out", required=True, help="new, empty output directory")
+@arg("--force", action="store_true", help="merge even if the delta was made for another base fingerprint")
+def merge(args: argparse.Namespace) -> None:
+    from .export import merge_checkpoint
+
+    _print_report(merge_checkpoint(args.base, args.delta, args.out, force=args.force))
+
+
+@command("compose", "Combine sparse deltas: disjoint supports add exactly; overlaps need a rule.")
+@arg("deltas", nargs="+", help="sparse-delta files")
+@arg("--out", required=True, help="output sparse-delta file")
+@arg("--rule", choices=["sum", "magnitude_prune", "ties", "dare_linear", "dare_ties"], help="rule for overlaps")
+@arg("--weights", type=float, nargs="+", help="one weight per delta (default 1)")
+@arg("--density", type=float, help="kept fraction for ties/dare/magnitude_prune")
+@arg("--seed", type=int, default=0, help="seed of DARE's random drop")
+def compose(args: argparse.Namespace) -> None:
+    from .export import compose_deltas
+
+    _print_report(compose_deltas(args.deltas, args.out, args.rule, args.weights, args.density, args.seed))
 
 
 if __name__ == "__main__":

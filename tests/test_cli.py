@@ -1,0 +1,50 @@
+"""The `peft-isolate` command in-process: export -> merge -> load, validate, and errors as one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM
+
+from peft_isolate import IsolationConfig
+from peft_isolate.cli import main
+
+
+def test_export_then_merge_gives_the_merged_model(tiny_dir, load_tiny, tmp_path):
+    peft_model = get_peft_model(
+        load_tiny(), IsolationConfig(target_modules="all-linear", density=0.1, init_weights=False)
+    )
+    peft_model.save_pretrained(tmp_path / "adapter")
+    tokens = torch.arange(3, 20).view(1, -1)
+    with torch.no_grad():
+        expected = peft_model.merge_and_unload()(tokens).logits
+    assert (
+        main(["export", str(tmp_path / "adapter"), "--out", str(tmp_path / "d.safetensors"), "--base", str(tiny_dir)])
+        == 0
+    )
+    args = ["merge", "--base", str(tiny_dir), "--delta", str(tmp_path / "d.safetensors"), "--out", str(tmp_path / "m")]
+    assert main(args) == 0
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "m")(tokens).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_recipe_validates(recipe, capsys):
+    assert main(["validate", str(recipe), "stages.steps=7"]) == 0
+    assert "steps: 7" in capsys.readouterr().out
+
+
+def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
+    bad = tmp_path / "r.yaml"
+    bad.write_text("model: x\nunknown_key: 1\n")
+    with pytest.raises(SystemExit) as e:
+        main(["validate", str(bad)])
+    assert e.value.code == 2
+    assert "unknown_key" in capsys.readouterr().err
