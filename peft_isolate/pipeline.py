@@ -136,29 +136,47 @@ def probe_key(run: Run, task: str) -> str:
     )
 
 
-def run_probe(run: Run, task: str) -> Path:
-    """Fine-tune a copy of the base on one task (LoRA, sparse isolation adapter or full) and save it."""
-    r, out = run.recipe, run.out / "probes" / task
+def _train_single_adapter(
+    run: Run, name: str, key: str, tasks: list[str], steps: int, lr: float, method: str, rank: int
+) -> tuple[Path, str]:
+    """Fine-tune one fresh model on the mixture of `tasks` with a LoRA, a sparse isolation adapter or all
+    weights (`method`), and save it to `<output_dir>/<name>` (probes, and the LoRA multi-task baseline)."""
+    r, out = run.recipe, run.out / name
 
     def work():
-        set_seed(r.training.seed)  # the LoRA init draws from the global generator
+        set_seed(r.training.seed)  # adapter inits draw from the global generator
         model, tokenizer = run.base()
-        if r.probe_method == "lora":
-            model = get_peft_model(
-                model,
-                LoraConfig(r=r.probe.rank, lora_alpha=r.probe.rank, target_modules=r.target_modules, lora_dropout=0.0),
-            )
-        elif r.probe_method == "sparse":
-            model = get_peft_model(
-                model,
-                IsolationConfig(target_modules=r.target_modules, density=r.probe.density, seed=r.training.seed),
-            )
-        steps = r.probe.steps
-        train(model, tokenizer, run.examples([task], steps), run.settings(steps, r.probe.lr), f"{out}.work")
+        if method == "lora":
+            lora = LoraConfig(r=rank, lora_alpha=rank, target_modules=r.target_modules, lora_dropout=0.0)
+            model = get_peft_model(model, lora)
+        elif method == "sparse":
+            sparse = IsolationConfig(target_modules=r.target_modules, density=r.probe.density, seed=r.training.seed)
+            model = get_peft_model(model, sparse)
+        train(model, tokenizer, run.examples(tasks, steps), run.settings(steps, lr), f"{out}.work")
         if processes().is_main_process:
-            save_pretrained_atomic(model, out, tokenizer if r.probe_method == "full" else None)
+            save_pretrained_atomic(model, out, tokenizer if method == "full" else None)
 
-    return run.step(f"probe:{task}", probe_key(run, task), out, work, everywhere=True)
+    return run.step(name.replace("/", ":"), key, out, work, everywhere=True), key
+
+
+def run_probe(run: Run, task: str) -> tuple[Path, str]:
+    """Fine-tune a copy of the base on one task alone (the probe) and save it under probes/<task>."""
+    r = run.recipe
+    return _train_single_adapter(
+        run, f"probes/{task}", probe_key(run, task), [task], r.probe.steps, r.probe.lr, r.probe_method, r.probe.rank
+    )
+
+
+def run_lora_multitask(run: Run, support: CoreRegions, n_stages: int, key: str) -> tuple[Path, str]:
+    """The everyday alternative: one LoRA on the uniform mixture, at the rank whose trainable count is nearest
+    to the isolation support's, for the same number of optimizer steps as the CPI-FT stages."""
+    matrices = [n for n, shape in support.shapes.items() if len(shape) == 2]  # dense mode: norms are 1-D
+    fan = sum(sum(support.shapes[n]) for n in matrices)
+    rank = max(1, round(sum(support.indices[n].numel() for n in matrices) / fan))
+    r = run.recipe
+    steps = n_stages * r.stages.steps
+    key = _hash(key, str(rank), r.section_hash("stages", "training"))
+    return _train_single_adapter(run, "lora_multitask", key, list(run.tasks), steps, r.stages.lr, "lora", rank)
 
 
 def delta_source(run: Run, task: str) -> DeltaSource:
@@ -431,6 +449,9 @@ def run_pipeline(recipe: Recipe, until: str = "evaluate") -> dict | None:
     if last < STEPS.index("baselines"):
         return None
     for baseline in recipe.baselines:
+        if baseline == "lora_multitask":
+            methods[baseline] = run_lora_multitask(run, support, len(plan.groups), base_key)
+            continue
         for method, jobs in baseline_jobs(recipe, baseline, list(run.tasks), len(plan.groups)).items():
             methods[method] = train_stages(run, method.replace(":", "-"), jobs, base_key)
     if last < STEPS.index("evaluate"):

@@ -76,7 +76,7 @@ class EvalSpec(_Section):
     batch_size: int = Field(16, gt=0, description="generation batch size")
 
 
-Baseline = Literal["multitask", "multistage_random", "multistage_given", "single_task"]
+Baseline = Literal["multitask", "multistage_random", "multistage_given", "single_task", "lora_multitask"]
 
 
 class Recipe(_Section):
