@@ -52,8 +52,8 @@ from peft.utils.integrations import get_bnb_param_type
 from torch import nn
 
 from ._io import TensorReader, load_json, load_tensors, save_tensors
-from .regions import IsolationDelta, _Checkpoint
-from .tuner.layer import _store_weight, check_index_set, dequantized_weight
+from .regions import IsolationDelta, _Checkpoint, check_index_set
+from .tuner.layer import _store_weight, dequantized_weight
 
 FORMAT = "peft-isolate/sparse-delta"
 VERSION = "1"

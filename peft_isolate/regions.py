@@ -112,7 +112,7 @@ class CoreRegions(Mapping[str, torch.Tensor]):
         empty = torch.zeros(0, dtype=torch.int32)
         self.indices = {n: self.indices.get(n, empty) for n in self.shapes}
         for name, idx in self.indices.items():
-            _check_index_set(idx, math.prod(self.shapes[name]), name)
+            check_index_set(idx, math.prod(self.shapes[name]), name)
         self._size = sum(int(i.numel()) for i in self.indices.values())
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -199,11 +199,18 @@ class CoreRegions(Mapping[str, torch.Tensor]):
         return cls(tensors, shapes, json.loads(meta["p"]), json.loads(meta["scope"]), meta.get("source", ""))
 
 
-def _check_index_set(idx: torch.Tensor, numel: int, name: str) -> None:
-    if idx.dtype != torch.int32 or idx.dim() != 1:
-        raise ValueError(f"{name}: indices must be a 1-D int32 tensor, got {idx.dtype} of shape {tuple(idx.shape)}")
-    if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= numel or not bool((idx[1:] > idx[:-1]).all())):
-        raise ValueError(f"{name}: indices must be sorted, unique and within [0, {numel})")
+def check_index_set(indices: torch.Tensor, numel: int, what: str) -> None:
+    """Raise a `ValueError` naming `what` unless `indices` is a 1-D int32 sorted unique set inside `[0, numel)`."""
+    if indices.dtype != torch.int32 or indices.dim() != 1:
+        raise ValueError(f"{what}: expected a 1-D int32 index tensor, got {indices.dtype} of shape {indices.shape}")
+    if indices.numel() == 0:
+        return
+    if int(indices[0]) < 0 or int(indices[-1]) >= numel or not bool((indices[1:] > indices[:-1]).all()):
+        bad = "out of range" if int(indices.min()) < 0 or int(indices.max()) >= numel else "unsorted or duplicated"
+        raise ValueError(
+            f"{what}: indices are {bad} (need sorted unique flat positions in [0, {numel}) for this weight); "
+            "was the file made for another model?"
+        )
 
 
 def jaccard(a: CoreRegions, b: CoreRegions) -> float:

@@ -298,7 +298,7 @@ def test_core_regions_round_trip_and_validation(tmp_path):
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a core-regions file"):
         CoreRegions.load(tmp_path / "other.safetensors")
-    with pytest.raises(ValueError, match="sorted, unique"):
+    with pytest.raises(ValueError, match="unsorted or duplicated"):
         CoreRegions({"b.weight": torch.tensor([3, 1], dtype=torch.int32)}, {"b.weight": (5,)})
     with pytest.raises(ValueError, match="int32"):
         CoreRegions({"b.weight": torch.tensor([1, 3])}, {"b.weight": (5,)})

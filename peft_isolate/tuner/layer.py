@@ -12,22 +12,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from peft.utils.integrations import dequantize_bnb_weight, get_bnb_param_type
 from torch import nn
 
+from ..regions import check_index_set
 from ._ops import dense_delta, sparse_delta_linear
 from .config import IsolationConfig
-
-
-def check_index_set(indices: torch.Tensor, numel: int, what: str) -> None:
-    """Raise a `ValueError` naming `what` unless `indices` is a 1-D int32 sorted unique set inside `[0, numel)`."""
-    if indices.dtype != torch.int32 or indices.dim() != 1:
-        raise ValueError(f"{what}: expected a 1-D int32 index tensor, got {indices.dtype} of shape {indices.shape}")
-    if indices.numel() == 0:
-        return
-    if int(indices[0]) < 0 or int(indices[-1]) >= numel or not bool((indices[1:] > indices[:-1]).all()):
-        bad = "out of range" if int(indices.min()) < 0 or int(indices.max()) >= numel else "unsorted or duplicated"
-        raise ValueError(
-            f"{what}: indices are {bad} (need sorted unique flat positions in [0, {numel}) for this weight); "
-            "was the file made for another model?"
-        )
 
 
 class IsolationLayer(BaseTunerLayer):
