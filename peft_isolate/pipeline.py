@@ -212,7 +212,8 @@ def run_plan(run: Run, cores: dict[str, CoreRegions]) -> StagePlan:
     r, path = run.recipe, run.out / "plan.json"
 
     def work():
-        plan = plan_stages(cores, r.plan.tau, r.plan.order, r.plan.seed, r.plan.freeze)
+        given = r.plan.groups if r.plan.order == "given" else None
+        plan = plan_stages(cores, r.plan.tau, r.plan.order, r.plan.seed, r.plan.freeze, groups=given)
         draw_overlap(plan, run.out / "overlap.png")
         plan.save(path)
 
@@ -333,13 +334,15 @@ def _first_stage(run: Run, start: Path | None):
     return model, tokenizer
 
 
-def train_stages(run: Run, name: str, jobs: list[StageJob], key: str, start: Path | None = None) -> tuple[Path, str]:
-    """Train the stages in order into `<output_dir>/<name>/<k>/`; returns the last artifact and its key.
+def train_stages(
+    run: Run, name: str, jobs: list[StageJob], key: str, start: Path | None = None
+) -> list[tuple[Path, str]]:
+    """Train the stages in order into `<output_dir>/<name>/<k>/`; returns every stage's artifact and key.
 
     Adapter mode freezes structurally (locked entries leave the trainable set); dense mode masks gradients
     and restores the frozen entries after each optimizer step."""
     r = run.recipe
-    previous = None
+    previous, done = None, []
     for k, job in enumerate(jobs):
         out = run.out / name / str(k)
         key = _hash(key, str(k), str(job.tasks), r.section_hash("stages", "training"))
@@ -360,7 +363,8 @@ def train_stages(run: Run, name: str, jobs: list[StageJob], key: str, start: Pat
             run.save(model, tokenizer, out)
 
         previous = run.step(f"{name}:{k}", key, out, work, everywhere=True)
-    return previous, key
+        done.append((previous, key))
+    return done
 
 
 # --- baselines and evaluation --------------------------------------------------------------------------------
@@ -436,14 +440,15 @@ def run_pipeline(recipe: Recipe, until: str = "evaluate") -> dict | None:
     backbone = start = None
     if recipe.fusion.enabled:
         if recipe.backbone == "multistage":
-            backbone, _ = train_stages(run, "backbone", [StageJob(g) for g in plan.groups], base_key)
+            backbone, _ = train_stages(run, "backbone", [StageJob(g) for g in plan.groups], base_key)[-1]
         start = run_fusion(run, cores, support, backbone)
     if last < STEPS.index("train-stage"):
         return None
     methods: dict[str, tuple[Path | None, str]] = {"base": (None, recipe.section_hash("model", "quantization"))}
     methods |= {f"probe:{t}": (run.out / "probes" / t, probe_key(run, t)) for t in run.tasks}
     key = _hash(base_key, fusion_key(run, backbone) if start else "")
-    final, final_key = methods["cpi_ft"] = train_stages(run, "stages", cpi_ft_jobs(plan, cores), key, start)
+    stages = {"cpi_ft": train_stages(run, "stages", cpi_ft_jobs(plan, cores), key, start)}
+    final, final_key = stages["cpi_ft"][-1]
     copy_final = lambda: shutil.copytree(final, run.out / "final", dirs_exist_ok=True)  # noqa: E731
     run.step("final", final_key, run.out / "final", copy_final)
     if last < STEPS.index("baselines"):
@@ -453,7 +458,11 @@ def run_pipeline(recipe: Recipe, until: str = "evaluate") -> dict | None:
             methods[baseline] = run_lora_multitask(run, support, len(plan.groups), base_key)
             continue
         for method, jobs in baseline_jobs(recipe, baseline, list(run.tasks), len(plan.groups)).items():
-            methods[method] = train_stages(run, method.replace(":", "-"), jobs, base_key)
+            stages[method] = train_stages(run, method.replace(":", "-"), jobs, base_key)
     if last < STEPS.index("evaluate"):
         return None
+    for method, done in stages.items():
+        methods[method] = done[-1]
+        if recipe.eval.stages:  # every earlier stage too, e.g. to measure forgetting
+            methods |= {f"{method}@{k}": stage for k, stage in enumerate(done[:-1])}
     return run_evaluations(run, methods)

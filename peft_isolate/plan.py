@@ -128,14 +128,17 @@ def plan_stages(
     order: str = "random",
     seed: int = 0,
     freeze: str = "previous",
+    groups: Sequence[Sequence[str]] | None = None,
 ) -> StagePlan:
     """Group tasks by core overlap and order the groups into stages with their frozen sets.
 
     freeze="previous": a stage freezes the cores of all earlier groups; "all": of every other group.
+    `groups` (task names, in stage order) replaces the Jaccard grouping and the ordering: a hand-made plan,
+    e.g. task A then task B for a forgetting experiment. The overlap is still computed and reported.
     """
     if freeze not in FREEZES:
         raise ValueError(f"freeze={freeze!r} is not one of {FREEZES}")
-    if order not in ORDERS:
+    if groups is None and order not in ORDERS:
         raise ValueError(f"order={order!r} is not one of {ORDERS}")
     if not cores:
         raise ValueError("plan_stages needs at least one task's core regions")
@@ -145,10 +148,16 @@ def plan_stages(
     def union(ts: Sequence[str]) -> CoreRegions:
         return reduce(CoreRegions.union, [cores[t] for t in ts])
 
-    groups = order_groups(
-        connected_groups(jac, tau), order, seed, union_size=lambda g: union([tasks[i] for i in g]).size
-    )
-    named = [[tasks[i] for i in g] for g in groups]
+    if groups is None:
+        ordered = order_groups(
+            connected_groups(jac, tau), order, seed, union_size=lambda g: union([tasks[i] for i in g]).size
+        )
+        named = [[tasks[i] for i in g] for g in ordered]
+    else:
+        named = [list(g) for g in groups]
+        if sorted(t for g in named for t in g) != sorted(tasks):
+            raise ValueError(f"groups {named} must name every task of {tasks} exactly once")
+        order = "given"
     stages = []
     for k, g in enumerate(named):
         others = named[:k] if freeze == "previous" else named[:k] + named[k + 1 :]

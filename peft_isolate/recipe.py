@@ -42,10 +42,14 @@ class RegionSpec(_Section):
 
 class PlanSpec(_Section):
     tau: float = Field(0.1, ge=0, description="Jaccard threshold linking two tasks into one group")
-    order: Literal["random", "size", "union"] = Field("random", description="stage order of the groups")
+    order: Literal["random", "size", "union", "given"] = Field(
+        "random", description="stage order of the groups; 'given': plan.groups, in that order, are the stages"
+    )
     seed: int = Field(0, description="seed of the random order and of random baseline groups")
     freeze: Literal["previous", "all"] = Field("previous", description="which cores are locked in a stage")
-    groups: list[list[str]] | None = Field(None, description="hand-given grouping for the multistage_given baseline")
+    groups: list[list[str]] | None = Field(
+        None, description="hand-given grouping: the multistage_given baseline, and CPI-FT's stages with order: given"
+    )
 
 
 class FusionSpec(_Section):
@@ -74,6 +78,7 @@ class TrainingSpec(_Section):
 class EvalSpec(_Section):
     max_new_tokens: int = Field(32, gt=0, description="greedy generation length")
     batch_size: int = Field(16, gt=0, description="generation batch size")
+    stages: bool = Field(False, description="also score every earlier stage as `<method>@<k>` (forgetting)")
 
 
 Baseline = Literal["multitask", "multistage_random", "multistage_given", "single_task", "lora_multitask"]
@@ -108,8 +113,8 @@ class Recipe(_Section):
                 "plan.freeze: all locks every other group's core, and in adapter mode the support is the union of "
                 "the cores, so later groups could never train their shared entries; use freeze: previous"
             )
-        if "multistage_given" in self.baselines and not self.plan.groups:
-            raise ValueError("baselines: multistage_given needs plan.groups (a list of task-name lists)")
+        if ("multistage_given" in self.baselines or self.plan.order == "given") and not self.plan.groups:
+            raise ValueError("multistage_given and plan.order: given need plan.groups (a list of task-name lists)")
         if self.plan.groups:
             named = [t for g in self.plan.groups for t in g]
             if sorted(named) != sorted(self.tasks):

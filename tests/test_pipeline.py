@@ -46,7 +46,7 @@ def recipe_file(tmp_path, tiny_dir):
         "stages": {"steps": 4, "lr": 1e-2, "sample": 1.0},
         "training": {"batch_size": 4, "max_seq_len": 32, "weight_decay": 0.1},
         "baselines": ["multitask", "multistage_random", "lora_multitask"],
-        "eval": {"max_new_tokens": 4, "batch_size": 8},
+        "eval": {"max_new_tokens": 4, "batch_size": 8, "stages": True},
         "output_dir": str(tmp_path / "run"),
     }
     path = tmp_path / "recipe.yaml"
@@ -87,7 +87,8 @@ def test_pipeline_end_to_end(recipe_file, tiny_dir, mode):
         "scores.png",
     ]:
         assert (out / artifact).exists(), artifact
-    assert set(results["methods"]) == {"base", "probe", "cpi_ft", "multitask", "multistage_random", "lora_multitask"}
+    staged = {"cpi_ft", "multitask", "multistage_random"}
+    assert set(results["methods"]) == {"base", "probe", "lora_multitask"} | staged | {f"{m}@0" for m in staged}
     for entry in results["methods"].values():
         assert set(entry["tasks"]) == {"upper", "count"} and all(0 <= s <= 1 for s in entry["tasks"].values())
     # the first stage's cores are frozen in the second: effective weights there are bit-identical

@@ -100,3 +100,13 @@ def test_plan_cli_prints_overlap_and_writes_json_and_heatmap(cores, tmp_path, ca
     plan = StagePlan.load(out)
     assert plan.tasks == list(cores) and plan.groups == [["chat"], ["logic"], ["math", "code"]]
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_given_groups_replace_grouping_and_order(cores):
+    tasks = list(cores)
+    given = [[tasks[-1]], tasks[:-1]]
+    plan = plan_stages(cores, tau=0.0, groups=given)
+    assert plan.groups == given and plan.order == "given"
+    assert plan.stages[1].frozen == [tasks[-1]]
+    with pytest.raises(ValueError, match="exactly once"):
+        plan_stages(cores, groups=[tasks[:1]])
