@@ -106,7 +106,7 @@ def regions(args: argparse.Namespace) -> None:
 @arg("--tau", type=float, default=0.1, help="link tasks with Jaccard >= tau (0: one group)")
 @arg("--order", choices=["random", "size", "union"], default="random", help="stage order of the groups")
 @arg("--seed", type=int, default=0, help="seed of the random order")
-@arg("--freeze", choices=["previous", "all"], default="previous", help="cores frozen in a stage")
+@arg("--freeze", choices=["previous", "all", "none"], default="previous", help="cores frozen in a stage")
 @arg("--out", default="plan.json", help="plan file; the heatmap goes beside it as .png")
 def plan(args: argparse.Namespace) -> None:
     from .plan import draw_overlap, format_plan, plan_stages

@@ -19,7 +19,7 @@ from ._io import atomic_path, load_json, save_json
 from .regions import CoreRegions, chance_matrix, overlap_matrix
 
 ORDERS = ("random", "size", "union")
-FREEZES = ("previous", "all")
+FREEZES = ("previous", "all", "none")
 FORMAT = "peft-isolate/stage-plan"
 
 
@@ -132,7 +132,8 @@ def plan_stages(
 ) -> StagePlan:
     """Group tasks by core overlap and order the groups into stages with their frozen sets.
 
-    freeze="previous": a stage freezes the cores of all earlier groups; "all": of every other group.
+    freeze="previous": a stage freezes the cores of all earlier groups; "all": of every other group; "none":
+    nothing (the no-freezing ablation).
     `groups` (task names, in stage order) replaces the Jaccard grouping and the ordering: a hand-made plan,
     e.g. task A then task B for a forgetting experiment. The overlap is still computed and reported.
     """
@@ -160,7 +161,7 @@ def plan_stages(
         order = "given"
     stages = []
     for k, g in enumerate(named):
-        others = named[:k] if freeze == "previous" else named[:k] + named[k + 1 :]
+        others = {"previous": named[:k], "all": named[:k] + named[k + 1 :], "none": []}[freeze]
         frozen = [t for grp in others for t in grp]
         stages.append(Stage(g, frozen, union(g).size, union(frozen).size if frozen else 0))
     return StagePlan(

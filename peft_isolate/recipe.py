@@ -46,7 +46,9 @@ class PlanSpec(_Section):
         "random", description="stage order of the groups; 'given': plan.groups, in that order, are the stages"
     )
     seed: int = Field(0, description="seed of the random order and of random baseline groups")
-    freeze: Literal["previous", "all"] = Field("previous", description="which cores are locked in a stage")
+    freeze: Literal["previous", "all", "none"] = Field(
+        "previous", description="cores locked in a stage: earlier groups', all other groups', or none (ablation)"
+    )
     groups: list[list[str]] | None = Field(
         None, description="hand-given grouping: the multistage_given baseline, and CPI-FT's stages with order: given"
     )

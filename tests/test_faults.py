@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import errno
 import json
+import multiprocessing
 import os
 import random
+import resource
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,19 +37,10 @@ from peft_isolate.recipe import load_recipe
 from peft_isolate.training import COMPLETE
 
 ATOL = 1e-6
-# run_pipeline in a fresh interpreter, optionally under a file-size limit (a full disk: with SIGXFSZ ignored, a
-# write past the limit fails with OSError EFBIG instead of killing the process)
-RUNNER = """
-import resource, signal, sys
-from peft_isolate.pipeline import run_pipeline
-from peft_isolate.recipe import load_recipe
-recipe, until, limit = load_recipe(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-if limit:
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
-run_pipeline(recipe, until)
-"""
-
+# Pipeline runs that get killed or fail go to processes forked from a server that has only imported the
+# pipeline (and this module): fresh processes, killable, without paying the ~5 s of imports each time.
+_PROCESSES = multiprocessing.get_context("forkserver")
+_PROCESSES.set_forkserver_preload(["peft_isolate.pipeline", __name__])
 _CACHE: dict[str, object] = {}  # expensive runs shared by the tests of this module (one process, run once)
 
 
@@ -57,15 +48,49 @@ class Crash(BaseException):
     """A simulated kill at an exact point (what SIGKILL would do there, deterministically)."""
 
 
-def _command(recipe: Path, until: str = "evaluate", limit: int = 0) -> list[str]:
-    return [sys.executable, "-c", RUNNER, str(recipe), until, str(limit)]
+def _pipeline_process(recipe: str, until: str, limit: int, log: str) -> None:
+    """run_pipeline with its output in `log`; under a file-size limit if `limit` (a full disk: with SIGXFSZ
+    ignored, a write past the limit fails with OSError EFBIG instead of killing the process)."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    torch.set_num_threads(1)  # as in the test process (see _one_thread)
+    loaded = load_recipe(recipe)
+    if limit:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    run_pipeline(loaded, until)
 
 
-def _run(recipe: Path, until: str = "evaluate", limit: int = 0, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(_command(recipe, until, limit), capture_output=True, text=True)
-    if check and proc.returncode:
-        pytest.fail(f"pipeline run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+def _start(recipe: Path, log: Path, until: str = "evaluate", limit: int = 0):
+    proc = _PROCESSES.Process(target=_pipeline_process, args=(str(recipe), until, limit, str(log)), daemon=True)
+    proc.start()
     return proc
+
+
+def _run(recipe: Path, log: Path, until: str = "evaluate", limit: int = 0, check: bool = True) -> tuple[int, str]:
+    """Run the pipeline in a fresh process; (exit code, its output)."""
+    proc = _start(recipe, log, until, limit)
+    proc.join(600)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join()
+        pytest.fail(f"pipeline run did not end in 600 s:\n{log.read_text()[-4000:]}")
+    output = log.read_text()
+    if check and proc.exitcode:
+        pytest.fail(f"pipeline run failed (exit {proc.exitcode}):\n{output[-4000:]}")
+    return proc.exitcode, output
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread here and in the pipeline processes: every run does the same float arithmetic, and a busy
+    machine cannot slow two spinning OpenMP threads to a crawl (a run takes ~3 s instead of ~25 s then)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _results(out: Path) -> dict:
@@ -208,23 +233,22 @@ def test_sigkill_at_a_random_point_then_rerun_matches_an_unbroken_run(seed, refe
     out = tmp_path / "broken"
     recipe = _with(ref_recipe, out)
     log = tmp_path / "killed.log"
-    with log.open("w") as sink:
-        proc = subprocess.Popen(_command(recipe), stdout=sink, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.time() + 300
-            while not (out / point).exists() and proc.poll() is None and time.time() < deadline:
-                time.sleep(0.01)
-            assert (out / point).exists(), f"the run never reached {point}:\n{log.read_text()[-3000:]}"
-            time.sleep(delay)
-            assert proc.poll() is None, f"the run ended within {delay:.2f}s of {point}: no kill happened"
-            os.kill(proc.pid, signal.SIGKILL)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+    proc = _start(recipe, log)
+    try:
+        deadline = time.time() + 300
+        while not (out / point).exists() and proc.is_alive() and time.time() < deadline:
+            time.sleep(0.01)
+        assert (out / point).exists(), f"the run never reached {point}:\n{log.read_text()[-3000:]}"
+        time.sleep(delay)
+        assert proc.is_alive(), f"the run ended within {delay:.2f}s of {point}: no kill happened"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join()
     print(f"seed {seed}: killed {delay:.2f}s after {point}")
     _assert_trusted_files_load(out)
-    _run(recipe)
+    _run(recipe, tmp_path / "rerun.log")
     _assert_trusted_files_load(out)
     _assert_same_result(out, ref_out)
 
@@ -327,9 +351,15 @@ def full_disk(reference, tmp_path_factory):
             ("stage", (support + stage) // 2, out / "stages" / "0"),
         ]:
             before = _snapshot(out)
-            proc = _run(recipe, limit=limit, check=False)
+            code, output = _run(recipe, out.parent / f"{case}.log", limit=limit, check=False)
             cases[case] = SimpleNamespace(
-                limit=limit, target=target, proc=proc, before=before, after=_snapshot(out), temp=_temp_files(out)
+                limit=limit,
+                target=target,
+                code=code,
+                output=output,
+                before=before,
+                after=_snapshot(out),
+                temp=_temp_files(out),
             )
         _CACHE["full_disk"] = (recipe, out, cases)
     return _CACHE["full_disk"]
@@ -338,8 +368,8 @@ def full_disk(reference, tmp_path_factory):
 def test_full_disk_keeps_earlier_artifacts_and_a_rerun_completes(full_disk, reference):
     recipe, out, cases = full_disk
     for case in cases.values():
-        assert case.proc.returncode != 0, f"the run under a {case.limit}-byte file limit did not fail"
-        assert "Traceback" in case.proc.stderr and "File too large" in case.proc.stderr, case.proc.stderr[-3000:]
+        assert case.code != 0, f"the run under a {case.limit}-byte file limit did not fail"
+        assert "Traceback" in case.output and "File too large" in case.output, case.output[-3000:]
         for name, data in case.before.items():
             assert name in case.after, f"{name} disappeared when a later write failed"
             if name == "support.safetensors" and case.target.name != name:
@@ -358,7 +388,7 @@ def test_full_disk_error_names_the_file_and_the_os_error(full_disk):
     _, _, cases = full_disk
     problems = []
     for name, case in cases.items():
-        message, target = _error_block(case.proc.stderr), str(case.target)
+        message, target = _error_block(case.output), str(case.target)
         if "File too large" not in message and f"Errno {errno.EFBIG}" not in message:
             problems.append(f"{name}: the error does not name the OSError (EFBIG):\n{message}")
         if target not in message:
