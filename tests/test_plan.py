@@ -77,7 +77,7 @@ def test_plan_stages_groups_orders_and_frozen_sets(cores):
     assert plan_stages(cores, tau=0.0).groups == [["math", "code", "chat", "logic"]]
     assert len(plan_stages(cores, tau=1.1).stages) == 4
     with pytest.raises(ValueError, match="freeze"):
-        plan_stages(cores, freeze="none")
+        plan_stages(cores, freeze="nothing")
 
 
 def test_plan_json_round_trip(cores, tmp_path):
@@ -110,3 +110,7 @@ def test_given_groups_replace_grouping_and_order(cores):
     assert plan.stages[1].frozen == [tasks[-1]]
     with pytest.raises(ValueError, match="exactly once"):
         plan_stages(cores, groups=[tasks[:1]])
+
+
+def test_freeze_none_freezes_nothing(cores):
+    assert all(not stage.frozen for stage in plan_stages(cores, tau=0.1, freeze="none").stages)
