@@ -1,9 +1,10 @@
 """One training step of the isolation adapter vs peft QLoRA and SHiRA at equal trainable parameters.
 
 Each (method, density, sequence length) runs in its own process on the same base, batch and tokens, so peak
-memory is not polluted by the others. Reported per step: median time over the timed steps after warm-up, peak
-memory above the loaded model, optimizer state included (CPU: sampled RSS; GPU: torch.cuda.max_memory_allocated) and ratios to QLoRA and
-to the floor ("none": base forward + backward to the inputs, no adapter).
+memory is not polluted by the others. Reported per step: median time over the timed steps after warm-up; peak
+memory above the loaded model, warm-up (optimizer state) included (CPU: sampled RSS; GPU:
+torch.cuda.max_memory_allocated); ratios to QLoRA and to the floor ("none": base forward + backward to the
+inputs, no adapter).
 
     python bench/speed.py                       # SmolLM2-135M nf4 on CPU, density 1%, batch 4 x 128
     python bench/speed.py --density 0.001 0.01 0.05 --seq 128
@@ -26,8 +27,14 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("none", "qlora", "shira", "isolation")
 SHAPES = {  # random Llama shapes for GPU timing (weights do not matter for speed)
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-               num_key_value_heads=4, vocab_size=32000),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
 }
 
 
@@ -51,8 +58,11 @@ def _linear_sizes(model) -> tuple[int, int]:
     """(sum of in+out, sum of in*out) over the linear layers an all-linear adapter targets."""
     import torch.nn as nn
 
-    rows = [(m.in_features, m.out_features) for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not n.endswith("lm_head")]
+    rows = [
+        (m.in_features, m.out_features)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not n.endswith("lm_head")
+    ]
     return sum(i + o for i, o in rows), sum(i * o for i, o in rows)
 
 
@@ -134,8 +144,14 @@ def run_one(args) -> dict:
         sampler.running = False
         sampler.join()
         peak = sampler.peak - base_mem
-    return {"method": args.method, "density": args.density, "seq": args.seq, "trainable": n_trainable,
-            "time_s": statistics.median(times), "peak_mib": peak / 2**20}
+    return {
+        "method": args.method,
+        "density": args.density,
+        "seq": args.seq,
+        "trainable": n_trainable,
+        "time_s": statistics.median(times),
+        "peak_mib": peak / 2**20,
+    }
 
 
 def main() -> None:
@@ -158,13 +174,32 @@ def main() -> None:
     for seq in args.seq:
         for density in args.density:
             for method in args.methods:
-                cmd = [sys.executable, __file__, "--method", method, "--shape", args.shape, "--quant", args.quant,
-                       "--density", str(density), "--seq", str(seq), "--batch", str(args.batch),
-                       "--steps", str(args.steps)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--method",
+                    method,
+                    "--shape",
+                    args.shape,
+                    "--quant",
+                    args.quant,
+                    "--density",
+                    str(density),
+                    "--seq",
+                    str(seq),
+                    "--batch",
+                    str(args.batch),
+                    "--steps",
+                    str(args.steps),
+                ]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 rows.append(json.loads(out.strip().splitlines()[-1]))
                 print(rows[-1], flush=True)
     write_table(rows, args)
+
+
+def _ratio(row: dict, ref: dict | None, key: str) -> str:
+    return f"{row[key] / ref[key]:.2f}" if ref and ref[key] > 0 else "-"
 
 
 def write_table(rows: list[dict], args) -> None:
@@ -180,10 +215,10 @@ def write_table(rows: list[dict], args) -> None:
     for r in rows:
         same = {m["method"]: m for m in rows if m["seq"] == r["seq"] and m["density"] == r["density"]}
         lora, floor = same.get("qlora"), same.get("none")
-        ratio = lambda key, ref: f"{r[key] / ref[key]:.2f}" if ref and ref[key] > 0 else "-"  # noqa: E731
         lines.append(
             f"| {r['seq']} | {r['density']:.3%} | {r['method']} | {r['trainable']:,} | {r['time_s']:.3f} | "
-            f"{ratio('time_s', lora)} | {ratio('time_s', floor)} | {r['peak_mib']:.0f} | {ratio('peak_mib', lora)} |"
+            f"{_ratio(r, lora, 'time_s')} | {_ratio(r, floor, 'time_s')} | {r['peak_mib']:.0f} | "
+            f"{_ratio(r, lora, 'peak_mib')} |"
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")

@@ -1,0 +1,216 @@
+"""The seesaw benchmark: does CPI-FT beat multi-task and multi-stage SFT, and does it stop forgetting?
+
+Every configuration is one recipe run through `peft-isolate`'s own pipeline (same code path, same budget of
+stage optimizer steps for every method), once per seed; this script only builds the recipes and aggregates.
+
+    python bench/seesaw.py --quick               # 3 tasks, 1 seed, small budgets: under an hour on 2 CPU cores
+    python bench/seesaw.py --seeds 0 1 2         # the full size (hours on CPU, minutes on a GPU)
+    python bench/seesaw.py --quick --parts main forgetting
+
+Parts: `main` (base, probes = single-task evidence, multi-task, multi-stage random / given, LoRA multi-task,
+CPI-FT adapter mode), `dense` (CPI-FT dense mode, fp32 full fine-tuning), `forgetting` (task A then task B:
+sequential SFT vs CPI-FT with A's core locked, the paper's Table 2), `ablations` (no fusion, no freezing, tau,
+p, sparse probe). Writes bench/results/seesaw.md, seesaw.json and seesaw.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from peft_isolate._io import save_json, write_atomic
+from peft_isolate.evaluate import plot_scores
+from peft_isolate.pipeline import run_pipeline
+from peft_isolate.recipe import Recipe
+
+RESULTS = Path(__file__).parent / "results"
+WORK = Path(__file__).parent / "_work" / "seesaw"
+# short answers, different skills and formats; the base model scores about 0 on each (design.md)
+TASKS = ["chain_sum", "spell_backward", "letter_counting", "basic_arithmetic"]
+GIVEN = [["chain_sum", "basic_arithmetic"], ["spell_backward", "letter_counting"]]  # numbers vs strings
+SIZES = {
+    "quick": dict(tasks=3, train=256, eval=48, probe=20, stage=20, seq=96),
+    "full": dict(tasks=4, train=1000, eval=200, probe=200, stage=200, seq=128),
+}
+ABLATIONS = {
+    "no_fusion": {"fusion": {"enabled": False}},
+    "no_freezing": {"plan": {"freeze": "none"}},
+    "tau_0": {"plan": {"tau": 0.0}},
+    "tau_0.5": {"plan": {"tau": 0.5}},
+    "p_0.001": {"regions": {"p": 0.001}},
+    "p_0.05": {"regions": {"p": 0.05}},
+    "probe_sparse": {"probe": {"method": "sparse"}},
+}
+
+
+def recipe(size: dict, tasks: list[str], seed: int, out: Path, model: str, **changes) -> Recipe:
+    """The benchmark's recipe for `tasks`, one seed, with section `changes` merged in."""
+    data = {
+        "model": model,
+        "quantization": "nf4" if torch.cuda.is_available() else "none",
+        "tasks": {
+            t: {"source": f"reasoning_gym:{t}", "train": size["train"], "eval": size["eval"], "seed": 100 + i}
+            for i, t in enumerate(tasks)
+        },
+        "probe": {"steps": size["probe"], "lr": 1e-3, "rank": 16},
+        "stages": {"steps": size["stage"], "lr": 1e-3, "sample": 1.0},
+        "training": {"batch_size": 8, "max_seq_len": size["seq"], "seed": seed, "save_steps": 25},
+        "plan": {"seed": seed},
+        "baselines": [],
+        "eval": {"max_new_tokens": 16, "batch_size": 16},
+        "output_dir": str(out),
+    }
+    for section, value in changes.items():
+        data[section] = {**data.get(section, {}), **value} if isinstance(value, dict) else value
+    return Recipe.model_validate(data)
+
+
+def runs(args, size: dict) -> dict[str, list[dict]]:
+    """{part/config: [results.json of each seed]}"""
+    tasks = TASKS[: size["tasks"]]
+    given = [[t for t in g if t in tasks] for g in GIVEN]
+    given = [g for g in given if g]
+    out: dict[str, list[dict]] = {}
+    for seed in args.seeds:
+        base = WORK / args.size / f"seed{seed}"
+        configs: dict[str, Recipe] = {}
+        if "main" in args.parts:
+            baselines = ["multitask", "multistage_random", "multistage_given", "lora_multitask"]
+            configs["main"] = recipe(
+                size, tasks, seed, base / "main", args.model, baselines=baselines, plan={"seed": seed, "groups": given}
+            )
+        if "dense" in args.parts:
+            configs["dense"] = recipe(size, tasks, seed, base / "dense", args.model, mode="dense", quantization="none")
+        if "forgetting" in args.parts:
+            for a, b in itertools.permutations(tasks[:3], 2):
+                configs[f"forgetting/{a}>{b}"] = recipe(
+                    size,
+                    [a, b],
+                    seed,
+                    base / f"forget-{a}-{b}",
+                    args.model,
+                    fusion={"enabled": False},
+                    plan={"order": "given", "groups": [[a], [b]], "tau": 2.0},
+                    baselines=["multistage_given"],
+                    eval={"stages": True},
+                )
+        if "ablations" in args.parts:
+            for name, change in ABLATIONS.items():
+                configs[f"ablation/{name}"] = recipe(size, tasks, seed, base / f"ablation-{name}", args.model, **change)
+        for name, config in configs.items():
+            print(f"== seed {seed}: {name}", flush=True)
+            out.setdefault(name, []).append(run_pipeline(config))
+    return out
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
+def main_table(seeds: list[dict], rename: dict[str, str] | None = None) -> tuple[list[str], dict[str, dict]]:
+    """Per method and task the per-seed scores (and exact matches), method ids renamed."""
+    rename = rename or {}
+    table: dict[str, dict] = {}
+    for results in seeds:
+        for method, entry in results["methods"].items():
+            if "@" in method:
+                continue
+            row = table.setdefault(rename.get(method, method), {"tasks": {}, "exact": {}, "avg": []})
+            for task, score in entry["tasks"].items():
+                row["tasks"].setdefault(task, []).append(score)
+                row["exact"].setdefault(task, []).append(entry["exact"][task])
+            row["avg"].append(entry["avg"])
+    tasks = list(seeds[0]["majority"])
+    return tasks, table
+
+
+def report(args, size: dict, out: dict[str, list[dict]], seconds: float) -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (2 cores)"
+    lines = [
+        "# Seesaw benchmark",
+        "",
+        f"Command: `python bench/seesaw.py {' '.join(sys.argv[1:])}`; size {args.size} ({size}), seeds "
+        f"{args.seeds}, device {device}, {time.strftime('%Y-%m-%d')}, {seconds / 60:.0f} min. Scores in points "
+        "(generator's scorer x 100; exact match in brackets), mean ± std over seeds.",
+        "",
+    ]
+    aggregate = {}
+    if "main" in out or "dense" in out:
+        seeds = out.get("main", []) + [
+            {**r, "methods": {"cpi_ft_dense": r["methods"]["cpi_ft"]}} for r in out.get("dense", [])
+        ]
+        tasks, table = main_table(seeds, {"probe": "single_task (probe)"})
+        majority = out.get("main", out.get("dense"))[0]["majority"]
+        lines += ["## Methods", "", "| method | " + " | ".join(tasks) + " | avg |", "|---" * (len(tasks) + 2) + "|"]
+        lines.append("| majority answer | " + " | ".join(f"{100 * majority[t]:.1f}" for t in tasks) + " | |")
+        for method, row in table.items():
+            cells = [
+                f"{_mean_std(row['tasks'][t])} ({_mean_std(row['exact'][t])})" if t in row["tasks"] else "-"
+                for t in tasks
+            ]
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {_mean_std(row['avg'])} |")
+        aggregate["methods"] = {
+            m: {"tasks": {t: statistics.mean(v) for t, v in row["tasks"].items()}, "avg": statistics.mean(row["avg"])}
+            for m, row in table.items()
+        }
+        plot_scores({"methods": aggregate["methods"], "majority": majority}, RESULTS / "seesaw.png")
+    forgetting = {k.split("/", 1)[1]: v for k, v in out.items() if k.startswith("forgetting/")}
+    if forgetting:
+        lines += [
+            "",
+            "## Forgetting: the drop of A after training B (points; lower is better)",
+            "",
+            "| A > B | sequential SFT | CPI-FT (A's core locked) |",
+            "|---|---|---|",
+        ]
+        aggregate["forgetting"] = {}
+        for pair, seeds in forgetting.items():
+            a = pair.split(">")[0]
+            drops = {
+                m: [r["methods"][f"{m}@0"]["tasks"][a] - r["methods"][m]["tasks"][a] for r in seeds]
+                for m in ("multistage_given", "cpi_ft")
+            }
+            aggregate["forgetting"][pair] = {m: statistics.mean(d) for m, d in drops.items()}
+            lines.append(f"| {pair} | {_mean_std(drops['multistage_given'])} | {_mean_std(drops['cpi_ft'])} |")
+    ablations = {k.split("/", 1)[1]: v for k, v in out.items() if k.startswith("ablation/")}
+    if ablations:
+        lines += ["", "## Ablations (CPI-FT average)", "", "| change | avg |", "|---|---|"]
+        for name, seeds in ablations.items():
+            lines.append(f"| cpi_ft:{name} | {_mean_std([r['methods']['cpi_ft']['avg'] for r in seeds])} |")
+    save_json({"size": size, "seeds": args.seeds, "runs": out, "aggregate": aggregate}, RESULTS / "seesaw.json")
+    text = "\n".join(lines) + "\n"
+    write_atomic(RESULTS / "seesaw.md", lambda p: p.write_text(text))
+    return text
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_const", const="quick", dest="size", default="full")
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument(
+        "--parts",
+        nargs="+",
+        default=["main", "dense", "forgetting", "ablations"],
+        choices=["main", "dense", "forgetting", "ablations"],
+    )
+    p.add_argument("--model", default="smollm2-135m", help="model alias or directory")
+    args = p.parse_args()
+    args.seeds = args.seeds or ([0] if args.size == "quick" else [0, 1, 2])
+    size = SIZES[args.size]
+    start = time.time()
+    out = runs(args, size)
+    print(report(args, size, out, time.time() - start))
+    print(json.dumps({"written": [str(RESULTS / f) for f in ("seesaw.md", "seesaw.json", "seesaw.png")]}))
+
+
+if __name__ == "__main__":
+    main()
