@@ -275,10 +275,11 @@ class DeltaSource(ABC):
     """Where a task's update (tuned minus base) comes from, streamed one flat chunk at a time."""
 
     description: str = ""
+    _shapes: dict[str, tuple[int, ...]]
 
-    @abstractmethod
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every parameter name the source covers (base-model names) and its weight shape."""
+        return {n: self._shapes[n] for n in canonical_order(self._shapes)}
 
     @abstractmethod
     def iter_deltas(
@@ -417,9 +418,6 @@ class CheckpointDelta(DeltaSource):
             f"checkpoints {base} and {tuned}",
             "pass the checkpoint the tuned model was trained from (same architecture and parameter names)",
         )
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {n: self._shapes[n] for n in canonical_order(self._shapes)}
 
     def iter_deltas(
         self, names: Sequence[str], chunk_size: int = DEFAULT_CHUNK
@@ -566,9 +564,6 @@ class LoraDelta(DeltaSource):
             _check_against_base(self._shapes, base_shapes(base), f"LoRA adapter {adapter}")
         self.description = f"lora adapter={adapter}"
 
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {n: self._shapes[n] for n in canonical_order(self._shapes)}
-
     def iter_deltas(
         self, names: Sequence[str], chunk_size: int = DEFAULT_CHUNK
     ) -> Iterator[tuple[str, int, torch.Tensor]]:
@@ -636,9 +631,6 @@ class IsolationDelta(DeltaSource):
             )
         self._shapes = {n: shapes[n] for n in self.entries}
         self.description = f"isolation adapter={adapter}"
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {n: self._shapes[n] for n in canonical_order(self._shapes)}
 
     def iter_deltas(
         self, names: Sequence[str], chunk_size: int = DEFAULT_CHUNK

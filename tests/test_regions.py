@@ -11,7 +11,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny import tiny_llama
+from transformers import LlamaForCausalLM
 
 from peft_isolate.cli import main
 from peft_isolate.regions import (
@@ -32,16 +33,7 @@ from peft_isolate.regions import (
 
 
 def tiny_model(seed: int = 0, hidden: int = 32) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(seed=seed, hidden_size=hidden)[0]
 
 
 @pytest.fixture(scope="module")
