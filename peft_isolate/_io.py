@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,13 +26,48 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        yield Path(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        try:
+            yield Path(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        except (OSError, SafetensorError) as e:
+            if (err := write_error(path, e)) is e:
+                raise
+            raise err from e
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; it replaces `path` only if the block succeeds, else it is removed
+    and an I/O failure is re-raised naming `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if (err := write_error(path, e)) is e:
+            raise
+        raise err from e
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def write_error(path: str | os.PathLike, e: BaseException) -> BaseException:
+    """`e`, raised while writing `path`, as an OSError that names the file (I/O failures only: a full disk,
+    a file-size limit, a read-only folder); any other error is returned unchanged."""
+    code = getattr(e, "errno", None)
+    if code is None and (m := re.search(r"\(os error (\d+)\)", str(e))):
+        code = int(m.group(1))
+    if code is None:
+        return e
+    return OSError(code, f"could not write {path}: {os.strerror(code)}", str(path))
 
 
 def write_atomic(path: str | os.PathLike, writer: Callable[[Path], None]) -> Path:

@@ -21,7 +21,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm.auto import tqdm
 from transformers import set_seed
 
-from ._io import load_json, load_tensors, save_json, save_tensors
+from ._io import TensorReader, atomic_dir, load_json, load_tensors, save_json, save_tensors
 from .data import Example, TaskData, load_task, mix, sample
 from .evaluate import evaluate, majority_baseline, method_entry, write_results
 from .fusion import fuse_deltas
@@ -39,14 +39,28 @@ def _hash(*parts: str) -> str:
 
 def save_pretrained_atomic(model, path: Path, tokenizer=None) -> Path:
     """`save_pretrained` into a temporary folder, then swap it in: a crash never leaves half an artifact."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return path
+
+
+def artifact_damage(artifact: Path) -> str | None:
+    """Why a step's artifact (a file or a folder) cannot be trusted, or None: missing, or one of its
+    safetensors files has a bad header or is shorter than its header says, or a JSON file does not parse."""
+    if not artifact.exists():
+        return f"{artifact} is missing"
+    files = sorted(p for p in artifact.rglob("*") if p.is_file()) if artifact.is_dir() else [artifact]
+    for f in files:
+        try:
+            if f.suffix == ".safetensors":
+                TensorReader(f).close()
+            elif f.suffix == ".json":
+                load_json(f)
+        except (OSError, ValueError) as e:
+            return str(e)
+    return None
 
 
 @dataclass
@@ -67,13 +81,22 @@ class Run:
         main one only; files are written by the main process, and all wait for it before going on."""
         state_path = self.out / "state.json"
         state = load_json(state_path) if state_path.exists() else {}
-        if state.get(name) == key and artifact.exists():
-            return artifact
+        if state.get(name) == key:
+            damage = artifact_damage(artifact)
+            if damage is None:
+                return artifact
+            print(f"[peft-isolate] {name}: {damage}; redoing it", flush=True)
         main = processes().is_main_process
         if main:
             print(f"[peft-isolate] {name}", flush=True)
+            if name in state:  # the artifact is about to change: never vouch for it under the old key
+                save_json({k: v for k, v in state.items() if k != name}, state_path)
         if everywhere or main:
-            work()
+            try:
+                work()
+            except BaseException as e:
+                e.add_note(f"[peft-isolate] step {name} failed before {artifact} was complete; a rerun redoes it")
+                raise
         if main:
             state = load_json(state_path) if state_path.exists() else {}
             save_json({**state, name: key}, state_path)
@@ -449,7 +472,11 @@ def run_pipeline(recipe: Recipe, until: str = "evaluate") -> dict | None:
     key = _hash(base_key, fusion_key(run, backbone) if start else "")
     stages = {"cpi_ft": train_stages(run, "stages", cpi_ft_jobs(plan, cores), key, start)}
     final, final_key = stages["cpi_ft"][-1]
-    copy_final = lambda: shutil.copytree(final, run.out / "final", dirs_exist_ok=True)  # noqa: E731
+
+    def copy_final():
+        with atomic_dir(run.out / "final") as tmp:
+            shutil.copytree(final, tmp)
+
     run.step("final", final_key, run.out / "final", copy_final)
     if last < STEPS.index("baselines"):
         return None

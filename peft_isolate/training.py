@@ -131,6 +131,9 @@ def train(
     resume = completed_checkpoint(output_dir)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if trainer.is_world_process_zero():
-        for ckpt in Path(output_dir).glob("checkpoint-*"):
+        ckpts = list(Path(output_dir).glob("checkpoint-*"))
+        for ckpt in ckpts:  # markers first: a kill during the rmtree must not leave a gutted "complete" checkpoint
+            (ckpt / COMPLETE).unlink(missing_ok=True)
+        for ckpt in ckpts:
             shutil.rmtree(ckpt, ignore_errors=True)
     return float(result.training_loss)
