@@ -107,11 +107,19 @@ class Run:
         t = self.recipe.training
         return TrainSettings(steps, lr, t.batch_size, t.grad_accum, t.max_seq_len, t.weight_decay, t.seed, t.save_steps)
 
+    @property
+    def global_batch(self) -> int:
+        return self.recipe.training.batch_size * self.recipe.training.grad_accum
+
     def examples(self, task_names: list[str], steps: int, fraction: float = 1.0) -> list[Example]:
         """The uniform mixture of the named tasks (each sampled to `fraction`) for `steps` optimizer steps."""
-        t = self.recipe.training
-        chosen = [sample(self.tasks[n], fraction, t.seed) for n in task_names]
-        return mix(chosen, steps * t.batch_size * t.grad_accum, t.seed)
+        chosen = [sample(self.tasks[n], fraction, self.recipe.training.seed) for n in task_names]
+        return mix(chosen, steps * self.global_batch, self.recipe.training.seed)
+
+    def stage_steps(self, task_names: list[str]) -> int:
+        """The stage budget for a group: `stages.steps`, or `stages.epochs` over its sampled data."""
+        sampled = sum(len(sample(self.tasks[n], self.recipe.stages.sample, 0).train) for n in task_names)
+        return self.recipe.stages.budget(sampled, self.global_batch)
 
     def base(self):
         return load_model(self.recipe.model, self.recipe.quantization, device=processes().device)
@@ -185,20 +193,20 @@ def _train_single_adapter(
 def run_probe(run: Run, task: str) -> tuple[Path, str]:
     """Fine-tune a copy of the base on one task alone (the probe) and save it under probes/<task>."""
     r = run.recipe
+    steps = r.probe.budget(len(run.tasks[task].train), run.global_batch)
     return _train_single_adapter(
-        run, f"probes/{task}", probe_key(run, task), [task], r.probe.steps, r.probe.lr, r.probe_method, r.probe.rank
+        run, f"probes/{task}", probe_key(run, task), [task], steps, r.probe.lr, r.probe_method, r.probe.rank
     )
 
 
-def run_lora_multitask(run: Run, support: CoreRegions, n_stages: int, key: str) -> tuple[Path, str]:
+def run_lora_multitask(run: Run, support: CoreRegions, steps: int, key: str) -> tuple[Path, str]:
     """The everyday alternative: one LoRA on the uniform mixture, at the rank whose trainable count is nearest
     to the isolation support's, for the same number of optimizer steps as the CPI-FT stages."""
     matrices = [n for n, shape in support.shapes.items() if len(shape) == 2]  # dense mode: norms are 1-D
     fan = sum(sum(support.shapes[n]) for n in matrices)
     rank = max(1, round(sum(support.indices[n].numel() for n in matrices) / fan))
     r = run.recipe
-    steps = n_stages * r.stages.steps
-    key = _hash(key, str(rank), r.section_hash("stages", "training"))
+    key = _hash(key, str(rank), str(steps), r.section_hash("stages", "training"))
     return _train_single_adapter(run, "lora_multitask", key, list(run.tasks), steps, r.stages.lr, "lora", rank)
 
 
@@ -328,17 +336,19 @@ class StageJob:
     """One stage: the tasks it trains on and, for CPI-FT, the entries it trains and the entries it locks."""
 
     tasks: list[str]
+    steps: int
     trainable: CoreRegions | None = None  # None: every unlocked entry trains
     locked: CoreRegions | None = None
 
 
-def cpi_ft_jobs(plan: StagePlan, cores: dict[str, CoreRegions]) -> list[StageJob]:
+def cpi_ft_jobs(run: Run, plan: StagePlan, cores: dict[str, CoreRegions]) -> list[StageJob]:
     """Stage k trains its group's cores minus the plan's frozen set, which it locks."""
     jobs = []
     for k, group in enumerate(plan.groups):
         locked = plan.frozen_regions(k, cores)
         own = reduce(CoreRegions.union, (cores[t] for t in group))
-        jobs.append(StageJob(group, own.difference(locked) if locked is not None else own, locked))
+        trainable = own.difference(locked) if locked is not None else own
+        jobs.append(StageJob(group, run.stage_steps(group), trainable, locked))
     return jobs
 
 
@@ -368,7 +378,7 @@ def train_stages(
     previous, done = None, []
     for k, job in enumerate(jobs):
         out = run.out / name / str(k)
-        key = _hash(key, str(k), str(job.tasks), r.section_hash("stages", "training"))
+        key = _hash(key, str(k), str(job.tasks), str(job.steps), r.section_hash("stages", "training"))
 
         def work(k=k, job=job, previous=previous, out=out):
             model, tokenizer = run.load(previous) if k else _first_stage(run, start)
@@ -380,9 +390,9 @@ def train_stages(
                 if job.locked is not None:
                     model.base_model.lock(job.locked)
                 model.base_model.add_trainable(job.trainable)
-            steps = r.stages.steps
-            examples = run.examples(job.tasks, steps, r.stages.sample)
-            train(model, tokenizer, examples, run.settings(steps, r.stages.lr), f"{out}.work", frozen=frozen)
+            examples = run.examples(job.tasks, job.steps, r.stages.sample)
+            settings = run.settings(job.steps, r.stages.lr)
+            train(model, tokenizer, examples, settings, f"{out}.work", frozen=frozen)
             run.save(model, tokenizer, out)
 
         previous = run.step(f"{name}:{k}", key, out, work, everywhere=True)
@@ -399,16 +409,24 @@ def random_groups(tasks: list[str], k: int, seed: int) -> list[list[str]]:
     return [shuffled[i::k] for i in range(min(k, len(tasks)))]
 
 
-def baseline_jobs(recipe: Recipe, baseline: str, tasks: list[str], n_stages: int) -> dict[str, list[StageJob]]:
-    """{method id: stages} for one baseline, on the same support and the same number of stage steps."""
+def split_budget(total: int, n: int) -> list[int]:
+    """`total` optimizer steps over `n` stages, as evenly as possible."""
+    return [total // n + (i < total % n) for i in range(n)]
+
+
+def baseline_jobs(recipe: Recipe, baseline: str, tasks: list[str], cpi_ft: list[StageJob]) -> dict[str, list[StageJob]]:
+    """{method id: stages} for one baseline: the same support and the same total of optimizer steps as CPI-FT's
+    stages (`cpi_ft`), spread evenly over the baseline's own stages."""
+    total, n_stages = sum(job.steps for job in cpi_ft), len(cpi_ft)
     if baseline == "multitask":
-        return {"multitask": [StageJob(tasks)] * n_stages}
-    if baseline == "multistage_random":
+        groups = [tasks] * n_stages
+    elif baseline == "multistage_random":
         groups = random_groups(tasks, n_stages, recipe.plan.seed)
-        return {"multistage_random": [StageJob(g) for g in groups] * (n_stages // len(groups))}
-    if baseline == "multistage_given":
-        return {"multistage_given": [StageJob(g) for g in recipe.plan.groups]}
-    return {f"single_task:{t}": [StageJob([t])] * n_stages for t in tasks}
+    elif baseline == "multistage_given":
+        groups = recipe.plan.groups
+    else:
+        return {f"single_task:{t}": [StageJob([t], total)] for t in tasks}
+    return {baseline: [StageJob(g, s) for g, s in zip(groups, split_budget(total, len(groups)), strict=True)]}
 
 
 def run_evaluations(run: Run, methods: dict[str, tuple[Path | None, str]]) -> dict:
@@ -463,14 +481,16 @@ def run_pipeline(recipe: Recipe, until: str = "evaluate") -> dict | None:
     backbone = start = None
     if recipe.fusion.enabled:
         if recipe.backbone == "multistage":
-            backbone, _ = train_stages(run, "backbone", [StageJob(g) for g in plan.groups], base_key)[-1]
+            jobs = [StageJob(g, run.stage_steps(g)) for g in plan.groups]
+            backbone, _ = train_stages(run, "backbone", jobs, base_key)[-1]
         start = run_fusion(run, cores, support, backbone)
     if last < STEPS.index("train-stage"):
         return None
     methods: dict[str, tuple[Path | None, str]] = {"base": (None, recipe.section_hash("model", "quantization"))}
     methods |= {f"probe:{t}": (run.out / "probes" / t, probe_key(run, t)) for t in run.tasks}
     key = _hash(base_key, fusion_key(run, backbone) if start else "")
-    stages = {"cpi_ft": train_stages(run, "stages", cpi_ft_jobs(plan, cores), key, start)}
+    cpi_jobs = cpi_ft_jobs(run, plan, cores)
+    stages = {"cpi_ft": train_stages(run, "stages", cpi_jobs, key, start)}
     final, final_key = stages["cpi_ft"][-1]
 
     def copy_final():
@@ -482,9 +502,9 @@ def run_pipeline(recipe: Recipe, until: str = "evaluate") -> dict | None:
         return None
     for baseline in recipe.baselines:
         if baseline == "lora_multitask":
-            methods[baseline] = run_lora_multitask(run, support, len(plan.groups), base_key)
+            methods[baseline] = run_lora_multitask(run, support, sum(job.steps for job in cpi_jobs), base_key)
             continue
-        for method, jobs in baseline_jobs(recipe, baseline, list(run.tasks), len(plan.groups)).items():
+        for method, jobs in baseline_jobs(recipe, baseline, list(run.tasks), cpi_jobs).items():
             stages[method] = train_stages(run, method.replace(":", "-"), jobs, base_key)
     if last < STEPS.index("evaluate"):
         return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +17,22 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class _Budget(_Section):
+    """A training budget given as optimizer `steps` or as `epochs` over the data (not both)."""
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> _Budget:
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give steps or epochs, not both")
+        return self
+
+    def budget(self, examples: int, global_batch: int) -> int:
+        """Optimizer steps: `steps`, or enough for `epochs` passes over `examples`, or 50."""
+        if self.epochs is not None:
+            return max(1, math.ceil(self.epochs * examples / global_batch))
+        return self.steps or 50
+
+
 class TaskSpec(_Section):
     source: str = Field(description="'reasoning_gym:<name>', a JSONL/JSON/parquet file or a save_to_disk dir")
     eval_source: str | None = Field(None, description="held-out file; else a part of `source` is held out")
@@ -25,11 +42,12 @@ class TaskSpec(_Section):
     seed: int = Field(1, description="generator seed")
 
 
-class ProbeSpec(_Section):
+class ProbeSpec(_Budget):
     method: Literal["lora", "full", "sparse"] | None = Field(
         None, description="how each task's update is probed (default: lora in adapter mode, full in dense mode)"
     )
-    steps: int = Field(50, gt=0, description="optimizer steps per probe")
+    steps: int | None = Field(None, gt=0, description="optimizer steps per probe (default 50 unless epochs)")
+    epochs: float | None = Field(None, gt=0, description="passes over the task's data, instead of steps")
     lr: float = Field(2e-4, gt=0, description="probe learning rate")
     rank: int = Field(16, gt=0, description="LoRA rank of a lora probe")
     density: float = Field(0.05, gt=0, le=1, description="support density of a sparse probe")
@@ -62,8 +80,9 @@ class FusionSpec(_Section):
     omega: float = Field(0.5, ge=0, le=1, description="SLERP factor toward the mean of the task deltas")
 
 
-class StageSpec(_Section):
-    steps: int = Field(50, gt=0, description="optimizer steps per stage")
+class StageSpec(_Budget):
+    steps: int | None = Field(None, gt=0, description="optimizer steps per stage (default 50 unless epochs)")
+    epochs: float | None = Field(None, gt=0, description="passes over the stage's sampled data, instead of steps")
     lr: float = Field(2e-4, gt=0, description="stage learning rate")
     sample: float = Field(0.5, gt=0, le=1, description="fraction of each task's training data a stage samples")
 

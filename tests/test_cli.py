@@ -37,8 +37,8 @@ EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
 
 @pytest.mark.parametrize("recipe", EXAMPLES, ids=lambda p: p.name)
 def test_every_example_recipe_validates(recipe, capsys):
-    assert main(["validate", str(recipe), "stages.steps=7"]) == 0
-    assert "steps: 7" in capsys.readouterr().out
+    assert main(["validate", str(recipe), "output_dir=runs/overridden"]) == 0
+    assert "output_dir: runs/overridden" in capsys.readouterr().out
 
 
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys):

@@ -120,3 +120,28 @@ def test_recipe_errors_name_the_problem(tmp_path, recipe_file):
         load_recipe(bad)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_recipe(tmp_path / "nowhere.yaml")
+
+
+def test_budgets_in_epochs_and_baselines_match_cpi_ft_steps(recipe_file):
+    from peft_isolate.pipeline import StageJob, baseline_jobs, load_run
+
+    recipe = load_recipe(recipe_file, ["stages={epochs: 2, lr: 0.01, sample: 0.5}", "probe={epochs: 1}"])
+    run = load_run(recipe)
+    upper = len(run.tasks["upper"].train)
+    assert recipe.probe.budget(upper, run.global_batch) == -(-upper // 4)
+    assert run.stage_steps(["upper"]) == -(-2 * round(0.5 * upper) // 4)
+    cpi = [StageJob(["upper"], 7), StageJob(["count"], 4)]
+    for baseline in ["multitask", "multistage_random"]:
+        (jobs,) = baseline_jobs(recipe, baseline, ["upper", "count"], cpi).values()
+        assert sum(j.steps for j in jobs) == 11 and len(jobs) == 2
+    with pytest.raises(ValueError, match="steps or epochs"):
+        load_recipe(recipe_file, ["stages={steps: 3, epochs: 1}"])
+
+
+def test_missing_data_file_and_unknown_generator_are_named(recipe_file, tmp_path):
+    from peft_isolate.pipeline import load_run
+
+    with pytest.raises(FileNotFoundError, match="nothing.jsonl"):
+        load_run(load_recipe(recipe_file, [f"tasks.upper.source={tmp_path / 'nothing.jsonl'}"]))
+    with pytest.raises(ValueError, match="no_such_generator"):
+        load_run(load_recipe(recipe_file, ["tasks.upper.source=reasoning_gym:no_such_generator"]))
