@@ -363,3 +363,17 @@ def test_random_support_avoids_frozen_entries(load_tiny, tmp_path):
         idx = layer.isolation_indices["default"]
         assert idx.numel() == int(0.3 * layer.in_features * layer.out_features)
         assert not torch.isin(idx, layer.isolation_frozen_indices["default"]).any()
+
+
+def test_adapter_memory_is_20_bytes_per_trainable_and_9_per_frozen_entry(load_tiny):
+    """int32 index + fp32 value + fp32 gradient + AdamW's two fp32 moments = 20 bytes per trainable entry;
+    int32 index + fp32 value + bool locked flag = 9 bytes per held or locked entry."""
+    peft_model = _stage_model(load_tiny, "fp32")
+    opt = train_steps(peft_model, steps=1)
+    peft_model(TOKENS, labels=TOKENS).loss.backward()  # gradients as they are between backward and step
+    trainable = sum(layer.isolation_indices["default"].numel() for layer in layers(peft_model).values())
+    frozen = sum(layer.isolation_frozen_indices["default"].numel() for layer in layers(peft_model).values())
+    measured = sum(b.nbytes for n, b in peft_model.named_buffers() if "isolation_" in n)
+    measured += sum(p.nbytes + p.grad.nbytes for p in peft_model.parameters() if p.requires_grad)
+    measured += sum(t.nbytes for state in opt.state.values() for t in state.values() if t.dim() == 1)
+    assert measured == 20 * trainable + 9 * frozen
