@@ -89,7 +89,7 @@ def runs(args, size: dict) -> dict[str, list[dict]]:
         if "dense" in args.parts:
             configs["dense"] = recipe(size, tasks, seed, base / "dense", args.model, mode="dense", quantization="none")
         if "forgetting" in args.parts:
-            for a, b in itertools.permutations(tasks[:3], 2):
+            for a, b in args.pairs or itertools.permutations(tasks[:3], 2):
                 configs[f"forgetting/{a}>{b}"] = recipe(
                     size,
                     [a, b],
@@ -203,6 +203,13 @@ def main() -> None:
         choices=["main", "dense", "forgetting", "ablations"],
     )
     p.add_argument("--model", default="smollm2-135m", help="model alias or directory")
+    p.add_argument(
+        "--pairs",
+        nargs="+",
+        type=lambda s: tuple(s.split(">")),
+        metavar="A>B",
+        help="forgetting pairs (default: every ordered pair of the first three tasks)",
+    )
     args = p.parse_args()
     args.seeds = args.seeds or ([0] if args.size == "quick" else [0, 1, 2])
     size = SIZES[args.size]

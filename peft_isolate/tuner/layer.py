@@ -17,6 +17,11 @@ from ._ops import dense_delta, sparse_delta_linear
 from .config import IsolationConfig
 
 
+def _generator(config: IsolationConfig, module_name: str) -> torch.Generator:
+    """A CPU generator seeded per module, so each module draws its own reproducible support and values."""
+    return torch.Generator().manual_seed(config.seed + zlib.crc32(module_name.encode()))
+
+
 class IsolationLayer(BaseTunerLayer):
     """Per-adapter sparse delta of a linear layer: trainable values and a frozen part (held or locked entries)."""
 
@@ -66,15 +71,15 @@ class IsolationLayer(BaseTunerLayer):
             indices = self._select_support(config, locked, module_name)
         indices = indices.to(device)
         check_index_set(indices, numel, f"{module_name}: regions")
-        if torch.isin(indices, locked).any():
+        clash = int(torch.isin(indices, locked).sum())
+        if clash:
             raise ValueError(
-                f"{module_name}: the trainable support intersects the frozen set at "
-                f"{int(torch.isin(indices, locked).sum())} entries; remove them from the regions file"
+                f"{module_name}: the trainable support intersects the frozen set at {clash} entries; "
+                "remove them from the regions file"
             )
         values = torch.zeros(indices.numel(), device=device)
         if not config.init_weights:
-            gen = torch.Generator().manual_seed(config.seed + zlib.crc32(module_name.encode()))
-            values = (0.01 * torch.randn(indices.numel(), generator=gen)).to(device)
+            values = (0.01 * torch.randn(indices.numel(), generator=_generator(config, module_name))).to(device)
         self.isolation_values[adapter_name] = nn.Parameter(values)
         self.isolation_indices[adapter_name] = indices
         self.isolation_frozen_indices[adapter_name] = locked
@@ -90,8 +95,7 @@ class IsolationLayer(BaseTunerLayer):
         if config.init == "magnitude":
             score = dequantized_weight(self.get_base_layer()).float().abs().flatten()
         else:
-            gen = torch.Generator().manual_seed(config.seed + zlib.crc32(module_name.encode()))
-            score = torch.rand(numel, generator=gen)
+            score = torch.rand(numel, generator=_generator(config, module_name))
         score[locked.long()] = -1.0
         return torch.topk(score, k, sorted=False).indices.sort().values.to(torch.int32)
 
