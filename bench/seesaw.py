@@ -3,7 +3,7 @@
 Every configuration is one recipe run through `peft-isolate`'s own pipeline (same code path, same budget of
 stage optimizer steps for every method), once per seed; this script only builds the recipes and aggregates.
 
-    python bench/seesaw.py --quick               # 3 tasks, 1 seed, small budgets: under an hour on 2 CPU cores
+    python bench/seesaw.py --quick               # 3 tasks, 1 seed, small budgets (hours on 2 CPU cores)
     python bench/seesaw.py --seeds 0 1 2         # the full size (hours on CPU, minutes on a GPU)
     python bench/seesaw.py --quick --parts main forgetting
 
@@ -36,7 +36,7 @@ WORK = Path(__file__).parent / "_work" / "seesaw"
 TASKS = ["chain_sum", "spell_backward", "letter_counting", "basic_arithmetic"]
 GIVEN = [["chain_sum", "basic_arithmetic"], ["spell_backward", "letter_counting"]]  # numbers vs strings
 SIZES = {
-    "quick": dict(tasks=3, train=256, eval=48, probe=20, stage=20, seq=96),
+    "quick": dict(tasks=3, train=256, eval=48, probe=30, stage=40, seq=96),
     "full": dict(tasks=4, train=1000, eval=200, probe=200, stage=200, seq=128),
 }
 ABLATIONS = {
