@@ -1,4 +1,4 @@
-"""The whole adapter-mode pipeline on a tiny random Llama and two tiny synthetic tasks."""
+"""The whole pipeline, adapter and dense mode, on a tiny random Llama and two tiny synthetic tasks."""
 
 from __future__ import annotations
 
