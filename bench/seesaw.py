@@ -216,7 +216,8 @@ def main() -> None:
     start = time.time()
     out = runs(args, size)
     print(report(args, size, out, time.time() - start))
-    print(json.dumps({"written": [str(RESULTS / f) for f in ("seesaw.md", "seesaw.json", "seesaw.png")]}))
+    written = [str(RESULTS / f) for f in ("seesaw.md", "seesaw.json", "seesaw.png") if (RESULTS / f).exists()]
+    print(json.dumps({"written": written}))
 
 
 if __name__ == "__main__":
