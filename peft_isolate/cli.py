@@ -132,21 +132,17 @@ def _recipe_args(fn: Handler) -> Handler:
 
 
 def _run_until(step: str) -> Handler:
+    """A handler that runs the recipe up to `step` and prints results.md when it gets there."""
+
     def handler(args: argparse.Namespace) -> None:
         from .pipeline import run_pipeline
         from .recipe import load_recipe
 
-        results = run_pipeline(load_recipe(args.recipe, args.overrides), until=step)
-        if results is not None:
-            print((Path(results_dir(args)) / "results.md").read_text())
+        recipe = load_recipe(args.recipe, args.overrides)
+        if run_pipeline(recipe, until=step) is not None:
+            print((Path(recipe.output_dir) / "results.md").read_text())
 
     return handler
-
-
-def results_dir(args: argparse.Namespace) -> str:
-    from .recipe import load_recipe
-
-    return load_recipe(args.recipe, args.overrides).output_dir
 
 
 for _step, _help in [
@@ -185,8 +181,9 @@ def demo(args: argparse.Namespace) -> int:
             "nf4 is used on a GPU and tested in the test suite."
         )
         overrides.append("quantization=none")
-    results = run_pipeline(load_recipe(DEMO_RECIPE, overrides))
-    print((Path(load_recipe(DEMO_RECIPE, overrides).output_dir) / "results.md").read_text())
+    recipe = load_recipe(DEMO_RECIPE, overrides)
+    results = run_pipeline(recipe)
+    print((Path(recipe.output_dir) / "results.md").read_text())
     methods, majority = results["methods"], results["majority"]
     weak = [
         t

@@ -104,6 +104,7 @@ class Run:
         return artifact
 
     def settings(self, steps: int, lr: float) -> TrainSettings:
+        """The training settings of one step of the run."""
         t = self.recipe.training
         return TrainSettings(steps, lr, t.batch_size, t.grad_accum, t.max_seq_len, t.weight_decay, t.seed, t.save_steps)
 
@@ -122,6 +123,7 @@ class Run:
         return self.recipe.stages.budget(sampled, self.global_batch)
 
     def base(self):
+        """A fresh copy of the base model (as the recipe quantizes it) and its tokenizer."""
         return load_model(self.recipe.model, self.recipe.quantization, device=processes().device)
 
     def load(self, artifact: Path | None):
@@ -160,6 +162,7 @@ def load_run(recipe: Recipe) -> Run:
 
 
 def probe_key(run: Run, task: str) -> str:
+    """What a task's probe depends on: the model, mode, targets, probe and training settings, its own data."""
     r = run.recipe
     return _hash(
         r.section_hash("model", "quantization", "mode", "target_modules", "probe", "training"),
@@ -236,10 +239,12 @@ def run_regions(run: Run, task: str) -> CoreRegions:
 
 
 def cores_key(run: Run) -> str:
+    """What the set of cores depends on: every probe and the regions settings."""
     return _hash(*(probe_key(run, t) for t in run.tasks), run.recipe.section_hash("regions"))
 
 
 def run_plan(run: Run, cores: dict[str, CoreRegions]) -> StagePlan:
+    """Group the tasks into stages (plan.json, overlap.png) and print the overlap matrix and the stages."""
     r, path = run.recipe, run.out / "plan.json"
 
     def work():
@@ -325,6 +330,7 @@ def run_fusion(run: Run, cores: dict[str, CoreRegions], support: CoreRegions, ba
 
 
 def fusion_key(run: Run, backbone: Path | None) -> str:
+    """What the fused starting point depends on: the cores, the fusion settings and the backbone."""
     return _hash(cores_key(run), run.recipe.section_hash("fusion"), str(backbone))
 
 

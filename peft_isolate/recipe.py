@@ -34,6 +34,8 @@ class _Budget(_Section):
 
 
 class TaskSpec(_Section):
+    """One task: where its data comes from and how much of it."""
+
     source: str = Field(description="'reasoning_gym:<name>', a JSONL/JSON/parquet file or a save_to_disk dir")
     eval_source: str | None = Field(None, description="held-out file; else a part of `source` is held out")
     config: dict[str, Any] = Field(default_factory=dict, description="generator settings (reasoning_gym)")
@@ -43,6 +45,8 @@ class TaskSpec(_Section):
 
 
 class ProbeSpec(_Budget):
+    """Step 1: the short single-task fine-tune whose update marks the task's core."""
+
     method: Literal["lora", "full", "sparse"] | None = Field(
         None, description="how each task's update is probed (default: lora in adapter mode, full in dense mode)"
     )
@@ -54,11 +58,15 @@ class ProbeSpec(_Budget):
 
 
 class RegionSpec(_Section):
+    """Step 1: how many entries a core holds and over what the top-p is taken."""
+
     p: float = Field(0.01, gt=0, le=1, description="fraction of the entries in each task's core")
     scope: Literal["global", "layer", "matrix"] = Field("global", description="where the top-p is taken")
 
 
 class PlanSpec(_Section):
+    """Step 2: grouping tasks by core overlap into ordered stages, and what each stage locks."""
+
     tau: float = Field(0.1, ge=0, description="Jaccard threshold linking two tasks into one group")
     order: Literal["random", "size", "union", "given"] = Field(
         "random", description="stage order of the groups; 'given': plan.groups, in that order, are the stages"
@@ -73,6 +81,8 @@ class PlanSpec(_Section):
 
 
 class FusionSpec(_Section):
+    """Step 3: the fused starting point of the stages."""
+
     enabled: bool = Field(True, description="start the stages from the fused deltas (else from zero)")
     backbone: Literal["base", "multistage", "mean"] | None = Field(
         None, description="delta the SLERP starts from (default: base in adapter mode, multistage in dense mode)"
@@ -81,6 +91,8 @@ class FusionSpec(_Section):
 
 
 class StageSpec(_Budget):
+    """Step 4: the budget and data of each stage."""
+
     steps: int | None = Field(None, gt=0, description="optimizer steps per stage (default 50 unless epochs)")
     epochs: float | None = Field(None, gt=0, description="passes over the stage's sampled data, instead of steps")
     lr: float = Field(2e-4, gt=0, description="stage learning rate")
@@ -88,6 +100,8 @@ class StageSpec(_Budget):
 
 
 class TrainingSpec(_Section):
+    """Settings shared by every training step (probes, stages, baselines)."""
+
     batch_size: int = Field(8, gt=0, description="per-device batch size")
     grad_accum: int = Field(1, gt=0, description="gradient accumulation steps")
     max_seq_len: int = Field(256, ge=8, description="tokens per example, prompt and answer")
@@ -97,6 +111,8 @@ class TrainingSpec(_Section):
 
 
 class EvalSpec(_Section):
+    """How every method is scored on each task's held-out set."""
+
     max_new_tokens: int = Field(32, gt=0, description="greedy generation length")
     batch_size: int = Field(16, gt=0, description="generation batch size")
     stages: bool = Field(False, description="also score every earlier stage as `<method>@<k>` (forgetting)")
@@ -106,6 +122,8 @@ Baseline = Literal["multitask", "multistage_random", "multistage_given", "single
 
 
 class Recipe(_Section):
+    """A whole CPI-FT run: one YAML file, one seed."""
+
     model: str = Field("smollm2-135m", description="built-in alias, HF model directory or .gguf file")
     quantization: Literal["nf4", "int8", "none"] = Field("nf4", description="how the base is loaded")
     mode: Literal["adapter", "dense"] = Field("adapter", description="sparse deltas on a frozen base, or paper mode")
@@ -144,10 +162,12 @@ class Recipe(_Section):
 
     @property
     def probe_method(self) -> str:
+        """The probe method, defaulting by mode (design.md: lora in adapter mode, full in dense mode)."""
         return self.probe.method or ("full" if self.mode == "dense" else "lora")
 
     @property
     def backbone(self) -> str:
+        """The fusion backbone, defaulting by mode (base in adapter mode, multistage in dense mode)."""
         return self.fusion.backbone or ("multistage" if self.mode == "dense" else "base")
 
     def section_hash(self, *sections: str) -> str:
