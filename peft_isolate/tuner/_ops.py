@@ -19,39 +19,49 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta 
 _SPARSE_DTYPES = (torch.float32, torch.float64)
 
 
-def _csr(indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """The `[out, in]` CSR matrix holding `values` at the sorted flat positions `indices`."""
+def _csr_structure(indices: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row pointers and columns of the `[out, in]` CSR matrix whose entries sit at the sorted flat `indices`."""
     out_features, in_features = shape
     row_starts = torch.arange(out_features + 1, device=indices.device, dtype=torch.int64) * in_features
     crow = torch.searchsorted(indices, row_starts.to(indices.dtype), out_int32=True)
-    return torch.sparse_csr_tensor(crow, indices % in_features, values, shape, check_invariants=False)
+    return crow, indices % in_features
+
+
+def _csr(structure: tuple[torch.Tensor, torch.Tensor], values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    return torch.sparse_csr_tensor(*structure, values, shape, check_invariants=False)
 
 
 class _SparseDeltaLinear(torch.autograd.Function):
-    """y = x @ Delta^T for Delta = trainable part + frozen part (disjoint); gradients for x and trainable values."""
+    """y = x @ Delta^T for Delta = trainable part + frozen part (disjoint); gradients for x and trainable values.
+
+    The joined delta's CSR structure is built once in forward and kept for backward (it is the size of the
+    adapter, small next to the activations), so backward neither re-sorts nor re-searches the index sets."""
 
     @staticmethod
     def forward(ctx, x, indices, values, frozen_indices, frozen_values, shape):
         compute_dtype = x.dtype if x.dtype in _SPARSE_DTYPES else torch.float32
         x2d = x.reshape(-1, shape[1])
-        delta = _csr(*_joined(indices, values, frozen_indices, frozen_values, compute_dtype), shape)
-        y = torch.sparse.mm(delta, x2d.to(compute_dtype).T).T
-        ctx.shape, ctx.compute_dtype = shape, compute_dtype
-        ctx.save_for_backward(x2d if ctx.needs_input_grad[2] else None, indices, values, frozen_indices, frozen_values)
+        joined, joined_values = _joined(indices, values, frozen_indices, frozen_values, compute_dtype)
+        crow, col = _csr_structure(joined, shape)
+        y = torch.sparse.mm(_csr((crow, col), joined_values, shape), x2d.to(compute_dtype).T).T
+        ctx.shape, ctx.compute_dtype, ctx.values_dtype = shape, compute_dtype, values.dtype
+        ctx.save_for_backward(x2d if ctx.needs_input_grad[2] else None, indices, crow, col, joined_values)
         return y.reshape(*x.shape[:-1], shape[0]).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2d, indices, values, frozen_indices, frozen_values = ctx.saved_tensors
+        x2d, indices, crow, col, joined_values = ctx.saved_tensors
         shape, dtype = ctx.shape, ctx.compute_dtype
         g2d = grad_out.reshape(-1, shape[0]).to(dtype)
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:
-            delta = _csr(*_joined(indices, values, frozen_indices, frozen_values, dtype), shape)
+            delta = _csr((crow, col), joined_values, shape)
             grad_x = torch.sparse.mm(delta.t(), g2d.T).T.reshape(*grad_out.shape[:-1], shape[1]).to(grad_out.dtype)
         if ctx.needs_input_grad[2]:
-            pattern = _csr(indices, torch.zeros(indices.numel(), dtype=dtype, device=indices.device), shape)
-            grad_values = torch.sparse.sampled_addmm(pattern, g2d.T, x2d.to(dtype), beta=0.0).values().to(values.dtype)
+            zeros = torch.zeros(indices.numel(), dtype=dtype, device=indices.device)
+            pattern = _csr(_csr_structure(indices, shape), zeros, shape)
+            grad_values = torch.sparse.sampled_addmm(pattern, g2d.T, x2d.to(dtype), beta=0.0).values()
+            grad_values = grad_values.to(ctx.values_dtype)
         return grad_x, None, grad_values, None, None, None
 
 
