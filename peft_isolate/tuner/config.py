@@ -102,7 +102,8 @@ class IsolationConfig(PeftConfig):
         path = os.path.join(pretrained_model_name_or_path, subfolder or "")
         weights = os.path.join(path, "adapter_model.safetensors")
         if os.path.isfile(weights):
-            open_tensors(weights).__exit__(None, None, None)  # a clear error for a truncated file, before any load
+            with open_tensors(weights):  # a clear error for a truncated file, before any load
+                pass
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         config._from_saved = True
         return config

@@ -48,13 +48,17 @@ class IsolationModel(BaseTuner):
             what: _as_index_sets(path) if path else ({}, {})
             for what, path in (("regions", config.regions), ("frozen", config.frozen))
         }
-        self._unused = {what: set(sets) for what, (sets, _) in self._index_sets.items()}
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         finally:
-            unused = self.__dict__.pop("_unused")
-            del self._index_sets
-        for what, names in unused.items():
+            index_sets = self.__dict__.pop("_index_sets")
+        adapted = {
+            f"{name}.weight"
+            for name, module in model.named_modules()
+            if isinstance(module, IsolationLayer) and adapter_name in module.isolation_values
+        }
+        for what, (sets, _) in index_sets.items():
+            names = set(sets) - adapted
             if names:
                 raise ValueError(
                     f"{what} file names {len(names)} parameters that are not targeted linear weights of this model, "
@@ -74,7 +78,6 @@ class IsolationModel(BaseTuner):
                         f"weight is {shape}: the file was made for another model"
                     )
                 kwargs[key] = sets[weight_name]
-                self._unused[what].discard(weight_name)
         if isinstance(target, IsolationLayer):
             target.update_layer(adapter_name, config, **kwargs)
             return
