@@ -29,7 +29,7 @@ from .models import load_model, resolve_model
 from .plan import StagePlan, draw_overlap, format_plan, plan_stages
 from .recipe import Recipe
 from .regions import CheckpointDelta, CoreRegions, DeltaSource, IsolationDelta, LoraDelta, find_core_regions
-from .training import TrainSettings, processes, train
+from .training import TrainSettings, gathered_state_dict, processes, train
 from .tuner import IsolationConfig
 
 
@@ -37,10 +37,10 @@ def _hash(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def save_pretrained_atomic(model, path: Path, tokenizer=None) -> Path:
+def save_pretrained_atomic(model, path: Path, tokenizer=None, state_dict=None) -> Path:
     """`save_pretrained` into a temporary folder, then swap it in: a crash never leaves half an artifact."""
     with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return path
@@ -106,7 +106,9 @@ class Run:
     def settings(self, steps: int, lr: float) -> TrainSettings:
         """The training settings of one step of the run."""
         t = self.recipe.training
-        return TrainSettings(steps, lr, t.batch_size, t.grad_accum, t.max_seq_len, t.weight_decay, t.seed, t.save_steps)
+        return TrainSettings(
+            steps, lr, t.batch_size, t.grad_accum, t.max_seq_len, t.weight_decay, t.seed, t.save_steps, t.fsdp
+        )
 
     @property
     def global_batch(self) -> int:
@@ -135,10 +137,14 @@ class Run:
         model, tokenizer = self.base()
         return PeftModel.from_pretrained(model, artifact, is_trainable=True), tokenizer
 
-    def save(self, model, tokenizer, path: Path) -> None:
-        """Save an adapter (adapter mode) or a whole model with its tokenizer (dense mode), atomically, once."""
+    def save(self, model, tokenizer, path: Path, with_tokenizer: bool | None = None) -> None:
+        """Save an adapter or a whole model (with its tokenizer: dense mode by default), atomically, once; call
+        it on every process (under FSDP the weights are gathered first)."""
+        state = gathered_state_dict(model)
+        if with_tokenizer is None:
+            with_tokenizer = self.recipe.mode == "dense"
         if processes().is_main_process:
-            save_pretrained_atomic(model, path, tokenizer if self.recipe.mode == "dense" else None)
+            save_pretrained_atomic(model, path, tokenizer if with_tokenizer else None, state)
 
 
 def load_run(recipe: Recipe) -> Run:
@@ -187,8 +193,7 @@ def _train_single_adapter(
             sparse = IsolationConfig(target_modules=r.target_modules, density=r.probe.density, seed=r.training.seed)
             model = get_peft_model(model, sparse)
         train(model, tokenizer, run.examples(tasks, steps), run.settings(steps, lr), f"{out}.work")
-        if processes().is_main_process:
-            save_pretrained_atomic(model, out, tokenizer if method == "full" else None)
+        run.save(model, tokenizer, out, with_tokenizer=method == "full")
 
     return run.step(name.replace("/", ":"), key, out, work, everywhere=True), key
 

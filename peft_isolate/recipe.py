@@ -108,6 +108,7 @@ class TrainingSpec(_Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     seed: int = Field(0, description="training seed; one run of a recipe is one seed")
     save_steps: int = Field(50, gt=0, description="checkpoint every this many steps (a killed run resumes there)")
+    fsdp: bool = Field(False, description="dense mode on GPUs: shard weights, gradients, optimizer state (FSDP2)")
 
 
 class EvalSpec(_Section):
@@ -145,6 +146,10 @@ class Recipe(_Section):
             raise ValueError("tasks: CPI-FT needs at least two tasks")
         if self.mode == "dense" and self.quantization != "none":
             raise ValueError("mode: dense trains full weights, so it needs quantization: none")
+        if self.mode == "adapter" and self.training.fsdp:
+            raise ValueError(
+                "training.fsdp shards full weights (dense mode); an adapter's few values need no sharding, use DDP"
+            )
         if self.mode == "adapter" and self.probe.method == "full":
             raise ValueError("probe.method: full is dense mode's probe; in adapter mode use lora or sparse")
         if self.mode == "adapter" and self.plan.freeze == "all":

@@ -7,6 +7,7 @@ bit-identical under AdamW with weight decay) and resuming only from checkpoints 
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -16,6 +17,8 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor, Shard
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
 from ._io import save_json
@@ -43,28 +46,69 @@ class TrainSettings:
     weight_decay: float = 0.0
     seed: int = 0
     save_steps: int = 50
+    fsdp: bool = False  # shard parameters, gradients and optimizer state across GPUs (FSDP2); dense mode
 
 
 class FreezeEntries(TrainerCallback):
-    """Keeps the entries `frozen[name]` (flat positions) of dense parameters bit-identical during training."""
+    """Keeps the entries `frozen[name]` (flat positions) of dense parameters bit-identical during training.
+
+    Under FSDP2 a parameter is a DTensor sharded on dim 0 and each process holds a block of its rows; each
+    process then masks and restores the frozen entries that fall in its own rows."""
 
     def __init__(self, model: nn.Module, frozen: Mapping[str, torch.Tensor]):
         params = dict(model.named_parameters())
         unknown = sorted(set(frozen) - set(params))
         if unknown:
             raise ValueError(f"frozen set names {unknown[0]!r}, which is not a parameter of the model")
-        self.entries = [(params[n], idx.long().to(params[n].device)) for n, idx in frozen.items() if idx.numel()]
-        self.saved = [p.detach().flatten()[idx].clone() for p, idx in self.entries]
+        self.model = model
+        self.frozen = {n: idx.long().to(params[n].device) for n, idx in frozen.items() if idx.numel()}
+        self.saved = {n: params[n].detach().flatten()[idx].clone() for n, idx in self.frozen.items()}
+        self._entries: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] | None = None
+
+    def entries(self) -> list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]]:
+        """(parameter, flat positions in this process's part of it, saved values), resolved after the Trainer
+        has wrapped the model (FSDP replaces the parameters)."""
+        if self._entries is None:
+            params = dict(self.model.named_parameters())
+            self._entries = [(params[n], *_local_part(params[n], idx, self.saved[n])) for n, idx in self.frozen.items()]
+        return self._entries
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        for param, idx in self.entries:
+        for param, idx, _ in self.entries():
             if param.grad is not None:
-                param.grad.view(-1)[idx] = 0
+                _local(param.grad).view(-1)[idx] = 0
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         with torch.no_grad():
-            for (param, idx), saved in zip(self.entries, self.saved, strict=True):
-                param.view(-1)[idx] = saved
+            for param, idx, saved in self.entries():
+                _local(param).view(-1)[idx] = saved
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _local_part(param: torch.Tensor, idx: torch.Tensor, saved: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat positions `idx` of a whole parameter and their `saved` values, restricted to this process's rows
+    and made local: all of them for a plain tensor, one dim-0 block for an FSDP2 DTensor."""
+    if not isinstance(param, DTensor):
+        return idx, saved
+    if param.device_mesh.ndim != 1 or param.placements != (Shard(0),):
+        raise NotImplementedError(f"frozen entries of a DTensor placed as {param.placements}; FSDP2's Shard(0) only")
+    rows, row_numel = param.shape[0], math.prod(param.shape[1:])
+    block = -(-rows // param.device_mesh.size())  # torch.chunk's split, which FSDP2 uses
+    start = min(rows, block * param.device_mesh.get_local_rank()) * row_numel
+    local = param.to_local()
+    inside = (idx >= start) & (idx < start + local.numel())
+    return idx[inside] - start, saved[inside]
+
+
+def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """Under FSDP, the whole state dict gathered onto the main process for saving (a collective: every process
+    must call it; the others get an empty dict). None for an unsharded model, which `save_pretrained` reads."""
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return None
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def completed_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -81,6 +125,13 @@ class _MarkComplete(TrainerCallback):
             save_json({"step": state.global_step}, Path(args.output_dir) / f"checkpoint-{state.global_step}" / COMPLETE)
 
 
+def _fsdp_arguments(model: nn.Module) -> dict:
+    """TrainingArguments for FSDP2 wrapping each transformer block, with full state dicts for saving."""
+    blocks = list(getattr(model, "_no_split_modules", None) or [])
+    config = {"version": 2, "state_dict_type": "FULL_STATE_DICT"}
+    return {"fsdp": True, "fsdp_config": config | ({"transformer_layer_cls_to_wrap": blocks} if blocks else {})}
+
+
 def train(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -95,6 +146,11 @@ def train(
     Under `accelerate launch` / `torchrun` (DDP) each process takes `batch_size / world size` examples, in the
     same order a single process would, so the global batch and the result stay those of one process."""
     world = processes().num_processes
+    if settings.fsdp and not torch.cuda.is_available():
+        raise ValueError(
+            "training.fsdp needs GPUs: accelerate runs FSDP only on accelerators. On CPU, train with several "
+            "processes without fsdp (DDP: torchrun or accelerate launch)"
+        )
     if settings.batch_size % world:
         raise ValueError(f"batch_size {settings.batch_size} is not divisible by the {world} processes; change one")
     args = TrainingArguments(
@@ -117,6 +173,7 @@ def train(
         disable_tqdm=False,
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),
+        **(_fsdp_arguments(model) if settings.fsdp else {}),
     )
     callbacks: list[TrainerCallback] = [_MarkComplete()]
     if frozen:

@@ -1,5 +1,5 @@
-"""DDP with two CPU processes (gloo, via torchrun): same result as one process with the same global batch, and
-frozen entries bit-identical on every rank."""
+"""Several CPU processes (gloo, via torchrun), DDP and FSDP2: same result as one process with the same global
+batch, and frozen entries bit-identical on every rank."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
+FSDP_WORKER = Path(__file__).with_name("fsdp_worker.py")
 
 
 def _free_port() -> int:
@@ -28,26 +29,17 @@ def _run(cmd: list[str]) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+def _torchrun(*args: object) -> None:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    port = str(_free_port())
+    _run([str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", port, *map(str, args)])
+
+
 @pytest.mark.parametrize("mode", ["adapter", "dense"])
 def test_two_process_ddp_matches_one_process(tiny_dir, tmp_path, mode):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     _run([sys.executable, str(WORKER), str(tiny_dir), str(single), mode])
-    torchrun = Path(sys.executable).with_name("torchrun")
-    _run(
-        [
-            str(torchrun),
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(_free_port()),
-            str(WORKER),
-            str(tiny_dir),
-            str(ddp),
-            mode,
-        ]
-    )
+    _torchrun(WORKER, tiny_dir, ddp, mode)
     one = load_file(single / "rank0.safetensors")
     ranks = [load_file(ddp / f"rank{r}.safetensors") for r in (0, 1)]
     for key, value in one.items():
@@ -60,3 +52,40 @@ def test_two_process_ddp_matches_one_process(tiny_dir, tmp_path, mode):
         # normalisation can amplify on near-zero gradients; 1e-4 is 1% of one step at lr 1e-2
         torch.testing.assert_close(ranks[0][key], value, rtol=0, atol=1e-4)
     assert any(k.startswith("trained.") for k in one)
+
+
+def test_fsdp2_sharded_freezing_matches_one_process(tiny_dir, tmp_path):
+    """Dense mode under FSDP2: every process masks and restores the frozen entries in its own rows, and the
+    gathered weights equal a single unsharded process's."""
+    _run([sys.executable, str(FSDP_WORKER), str(tiny_dir), str(tmp_path / "single")])
+    _torchrun(FSDP_WORKER, tiny_dir, tmp_path / "fsdp")
+    one = load_file(tmp_path / "single" / "model.safetensors")
+    sharded = load_file(tmp_path / "fsdp" / "model.safetensors")
+    assert one.keys() == sharded.keys()
+    frozen = [k for k in one if k.startswith("frozen_after.")]
+    assert frozen
+    for key in frozen:
+        assert torch.equal(sharded[key], sharded[key.replace("frozen_after.", "frozen_before.")])
+    moved = 0
+    for key in (k for k in one if k.startswith("trained.")):
+        torch.testing.assert_close(sharded[key], one[key], rtol=0, atol=1e-4)  # as for DDP above
+        moved += int((sharded[key] != sharded[key.replace("trained.", "initial.")]).sum())
+    assert moved > 0.5 * sum(one[k].numel() for k in one if k.startswith("trained."))  # 2/3 are free to move
+
+
+def test_fsdp_needs_gpus_and_dense_mode(tiny_dir, tmp_path):
+    from peft_isolate.data import Example
+    from peft_isolate.models import load_model
+    from peft_isolate.recipe import Recipe
+    from peft_isolate.training import TrainSettings, train
+
+    tasks = {t: {"source": "reasoning_gym:chain_sum", "train": 4, "eval": 2} for t in ("a", "b")}
+    with pytest.raises(ValueError, match="training.fsdp shards full weights"):
+        Recipe.model_validate({"tasks": tasks, "training": {"fsdp": True}})
+    assert Recipe.model_validate({"tasks": tasks, "mode": "dense", "quantization": "none", "training": {"fsdp": True}})
+    if torch.cuda.is_available():
+        pytest.skip("the CPU refusal only")
+    model, tokenizer = load_model(tiny_dir, "none", device="cpu")
+    example = Example(({"role": "user", "content": "hi"},), "HI")
+    with pytest.raises(ValueError, match="training.fsdp needs GPUs"):
+        train(model, tokenizer, [example], TrainSettings(steps=1, fsdp=True), tmp_path)
