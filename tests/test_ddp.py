@@ -12,6 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import TrainingArguments
+
+from peft_isolate.data import Example
+from peft_isolate.models import load_model
+from peft_isolate.recipe import Recipe
+from peft_isolate.training import TrainSettings, _fsdp_arguments, train
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 FSDP_WORKER = Path(__file__).with_name("fsdp_worker.py")
@@ -73,19 +79,17 @@ def test_fsdp2_sharded_freezing_matches_one_process(tiny_dir, tmp_path):
     assert moved > 0.5 * sum(one[k].numel() for k in one if k.startswith("trained."))  # 2/3 are free to move
 
 
-def test_fsdp_needs_gpus_and_dense_mode(tiny_dir, tmp_path):
-    from peft_isolate.data import Example
-    from peft_isolate.models import load_model
-    from peft_isolate.recipe import Recipe
-    from peft_isolate.training import TrainSettings, train
-
+def test_fsdp_settings_dense_mode_and_gpus_only(tiny_dir, tmp_path):
+    """The Trainer gets FSDP2 wrapping each transformer block; adapter mode and CPUs are refused by name."""
     tasks = {t: {"source": "reasoning_gym:chain_sum", "train": 4, "eval": 2} for t in ("a", "b")}
     with pytest.raises(ValueError, match="training.fsdp shards full weights"):
         Recipe.model_validate({"tasks": tasks, "training": {"fsdp": True}})
     assert Recipe.model_validate({"tasks": tasks, "mode": "dense", "quantization": "none", "training": {"fsdp": True}})
+    model, tokenizer = load_model(tiny_dir, "none", device="cpu")
+    plugin = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, **_fsdp_arguments(model)).fsdp_plugin_args
+    assert plugin["fsdp_version"] == 2 and plugin["transformer_cls_names_to_wrap"] == "LlamaDecoderLayer"
     if torch.cuda.is_available():
         pytest.skip("the CPU refusal only")
-    model, tokenizer = load_model(tiny_dir, "none", device="cpu")
     example = Example(({"role": "user", "content": "hi"},), "HI")
     with pytest.raises(ValueError, match="training.fsdp needs GPUs"):
         train(model, tokenizer, [example], TrainSettings(steps=1, fsdp=True), tmp_path)
