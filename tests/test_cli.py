@@ -48,3 +48,22 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
         main(["validate", str(bad)])
     assert e.value.code == 2
     assert "unknown_key" in capsys.readouterr().err
+
+
+def test_demo_fails_loudly_unless_the_probes_learn(tiny_dir, tmp_path, capsys):
+    """The demo's honesty check: a random tiny model learns nothing in two steps, so the demo must exit 1."""
+    tiny = [
+        f"model={tiny_dir}",
+        "tasks={a: {source: 'reasoning_gym:spell_backward', train: 8, eval: 4}, "
+        "b: {source: 'reasoning_gym:chain_sum', train: 8, eval: 4}}",
+        "probe.steps=2",
+        "stages.steps=2",
+        "baselines=[]",
+        "training.max_seq_len=32",
+        "eval.max_new_tokens=2",
+        f"output_dir={tmp_path / 'demo'}",
+    ]
+    assert main(["demo", *tiny]) == 1
+    assert "DEMO FAILED: the single-task probes of ['a', 'b']" in capsys.readouterr().out
+    assert main(["demo", "--margin", "-1", *tiny]) == 0  # same run, cached; any lift above -1 passes
+    assert "Demo check passed" in capsys.readouterr().out
