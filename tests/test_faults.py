@@ -404,7 +404,7 @@ def test_failed_adapter_save_keeps_the_old_one_and_leaves_no_temp_folder(tmp_pat
     pipeline: each step's Trainer writes a checkpoint of the same size first)."""
 
     class FullDisk:
-        def save_pretrained(self, path):
+        def save_pretrained(self, path, **kwargs):
             Path(path).mkdir(parents=True)
             (Path(path) / "adapter_model.safetensors").write_bytes(b"half")
             raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peft_isolate.tuner._ops import dense_delta, sparse_delta_linear
+from peft_isolate.tuner._ops import delta_pattern, dense_delta, sparse_delta_linear
 
 
 def _support(numel: int, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -34,7 +34,7 @@ def _reference(x, train, values, frozen, frozen_values, shape):
 def test_forward_and_gradients_match_dense_reference(shape, k):
     x, train, values, frozen, frozen_values = _case(*shape, *k, torch.float32)
     grad_out = torch.randn(3, 4, shape[0])
-    y = sparse_delta_linear(x, train, values, frozen, frozen_values, shape)
+    y = sparse_delta_linear(x, values, frozen_values, delta_pattern(train, frozen, shape))
     y.backward(grad_out)
     x_ref = x.detach().double().requires_grad_()
     values_ref = values.detach().double().requires_grad_()
@@ -49,7 +49,8 @@ def test_gradcheck_float64():
     x, train, values, frozen, frozen_values = _case(6, 5, 7, 3, torch.float64)
     values = values.detach().double().requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda x_, v_: sparse_delta_linear(x_, train, v_, frozen, frozen_values.double(), (6, 5)), (x, values)
+        lambda x_, v_: sparse_delta_linear(x_, v_, frozen_values.double(), delta_pattern(train, frozen, (6, 5))),
+        (x, values),
     )
 
 
@@ -57,13 +58,13 @@ def test_non_contiguous_input():
     x, train, values, frozen, frozen_values = _case(9, 12, 20, 5, torch.float32)
     wide = torch.randn(3, 12, 4).transpose(1, 2)  # [3, 4, 12], not contiguous
     assert not wide.is_contiguous()
-    y = sparse_delta_linear(wide, train, values, frozen, frozen_values, (9, 12))
+    y = sparse_delta_linear(wide, values, frozen_values, delta_pattern(train, frozen, (9, 12)))
     torch.testing.assert_close(y, _reference(wide, train, values, frozen, frozen_values, (9, 12)).float())
 
 
 def test_bfloat16_input_gives_bfloat16_output_and_fp32_value_grads():
     x, train, values, frozen, frozen_values = _case(16, 24, 30, 10, torch.bfloat16)
-    y = sparse_delta_linear(x, train, values, frozen, frozen_values, (16, 24))
+    y = sparse_delta_linear(x, values, frozen_values, delta_pattern(train, frozen, (16, 24)))
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert values.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
@@ -74,12 +75,12 @@ def test_bfloat16_input_gives_bfloat16_output_and_fp32_value_grads():
 def test_empty_support_is_zero_and_keeps_no_graph():
     x = torch.randn(2, 5, requires_grad=True)
     empty = torch.zeros(0, dtype=torch.int32)
-    y = sparse_delta_linear(x, empty, torch.zeros(0, requires_grad=True), empty, torch.zeros(0), (3, 5))
+    y = sparse_delta_linear(x, torch.zeros(0, requires_grad=True), torch.zeros(0), delta_pattern(empty, empty, (3, 5)))
     assert torch.equal(y, torch.zeros(2, 3)) and not y.requires_grad
 
 
 def test_frozen_part_gets_no_gradient_and_x_only_saved_when_needed():
     x, train, values, frozen, frozen_values = _case(8, 8, 5, 5, torch.float32)
     frozen_values.requires_grad_()
-    sparse_delta_linear(x, train, values, frozen, frozen_values, (8, 8)).sum().backward()
+    sparse_delta_linear(x, values, frozen_values, delta_pattern(train, frozen, (8, 8))).sum().backward()
     assert frozen_values.grad is None and values.grad is not None

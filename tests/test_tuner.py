@@ -377,3 +377,26 @@ def test_adapter_memory_is_20_bytes_per_trainable_and_9_per_frozen_entry(load_ti
     measured += sum(p.nbytes + p.grad.nbytes for p in peft_model.parameters() if p.requires_grad)
     measured += sum(t.nbytes for state in opt.state.values() for t in state.values() if t.dim() == 1)
     assert measured == 20 * trainable + 9 * frozen
+
+
+def test_sparsity_structure_is_reused_until_an_index_set_changes(load_tiny):
+    """Each step reuses the layer's DeltaPattern; locking (new index tensors) or an in-place change of an index
+    set (a load) rebuilds it, and the forward then still equals the merged weights'."""
+    peft_model = get_peft_model(
+        load_tiny(), IsolationConfig(target_modules="all-linear", density=0.1, init_weights=False)
+    )
+    name, layer = next(iter(layers(peft_model.base_model.model).items()))
+    first = layer.delta_pattern("default")
+    tokens = torch.arange(3, 20).view(1, -1)
+    peft_model(tokens)
+    assert layer.delta_pattern("default") is first
+    peft_model.base_model.lock({f"{name}.weight": layer.isolation_indices["default"][::2]})
+    locked = layer.delta_pattern("default")
+    assert locked is not first and locked.joined_order is not None
+    with torch.no_grad():
+        layer.isolation_frozen_indices["default"].copy_(layer.isolation_frozen_indices["default"])
+    assert layer.delta_pattern("default") is not locked
+    with torch.no_grad():
+        unmerged = peft_model(tokens).logits
+        merged = peft_model.merge_and_unload()(tokens).logits
+    torch.testing.assert_close(unmerged, merged, rtol=1e-5, atol=1e-5)

@@ -13,7 +13,7 @@ from peft.utils.integrations import dequantize_bnb_weight, get_bnb_param_type
 from torch import nn
 
 from ..regions import check_index_set
-from ._ops import dense_delta, sparse_delta_linear
+from ._ops import DeltaPattern, delta_pattern, dense_delta, sparse_delta_linear
 from .config import IsolationConfig
 
 
@@ -42,6 +42,7 @@ class IsolationLayer(BaseTunerLayer):
         self.isolation_frozen_locked = BufferDict(persistent=True)
         self._disable_adapters = False
         self.merged_adapters = []
+        self._delta_patterns: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, int], DeltaPattern]] = {}
         base = self.get_base_layer()
         self.in_features, self.out_features = base.in_features, base.out_features
 
@@ -307,15 +308,22 @@ class Linear(nn.Module, IsolationLayer):
         for adapter in self.active_adapters:
             if adapter not in self.isolation_values:
                 continue
-            result = result + sparse_delta_linear(
-                x,
-                self.isolation_indices[adapter],
-                self.isolation_values[adapter],
-                self.isolation_frozen_indices[adapter],
-                self.isolation_frozen_values[adapter],
-                self.shape,
-            ).to(result.dtype)
+            values, frozen_values = self.isolation_values[adapter], self.isolation_frozen_values[adapter]
+            result = result + sparse_delta_linear(x, values, frozen_values, self.delta_pattern(adapter)).to(
+                result.dtype
+            )
         return result
+
+    def delta_pattern(self, adapter: str) -> DeltaPattern:
+        """The adapter's sparsity structure, rebuilt only when an index set is replaced or changed in place (lock,
+        hold, add, load, a device move): the forward and backward of every step reuse it."""
+        indices, frozen = self.isolation_indices[adapter], self.isolation_frozen_indices[adapter]
+        versions = (indices._version, frozen._version)
+        cached = self._delta_patterns.get(adapter)  # holds the index tensors, so `is` cannot see a reused address
+        if cached is None or cached[0] is not indices or cached[1] is not frozen or cached[2] != versions:
+            cached = (indices, frozen, versions, delta_pattern(indices, frozen, self.shape))
+            self._delta_patterns[adapter] = cached
+        return cached[3]
 
     def __repr__(self) -> str:
         return "isolation." + super().__repr__()
