@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results"
-METHODS = ("none", "qlora", "shira", "isolation")
+METHODS = ("none", "qlora", "shira", "isolation", "isolation_dense_grad")
 SHAPES = {  # random Llama shapes for GPU timing (weights do not matter for speed)
     "1b": dict(
         hidden_size=2048,
@@ -83,8 +83,32 @@ def _adapt(model, method: str, density: float):
     elif method == "shira":
         cfg = ShiraConfig(r=r, target_modules="all-linear")
     else:
+        if method == "isolation_dense_grad":
+            _use_dense_value_gradient()
         cfg = IsolationConfig(target_modules="all-linear", density=r * fan / numel)
     return get_peft_model(model, cfg)
+
+
+def _use_dense_value_gradient() -> None:
+    """The "before" of the value gradient: the full out x in weight gradient G^T X, then its entries at the
+    support, instead of the sampled product (SDDMM) over the support only. Benchmark-only."""
+    from peft_isolate.tuner import _ops
+
+    class DenseValueGradient(_ops._SparseDeltaLinear):
+        @staticmethod
+        def backward(ctx, grad_out):
+            x2d, joined_values = ctx.saved_tensors
+            pattern, (out_features, in_features) = ctx.pattern, ctx.pattern.shape
+            g2d = grad_out.reshape(-1, out_features).to(ctx.compute_dtype)
+            transposed_values = joined_values[pattern.transposed_order]
+            delta_t = _ops._csr(pattern.transposed, transposed_values, (in_features, out_features))
+            grad_x = torch.sparse.mm(delta_t, g2d.T).T.reshape(*grad_out.shape[:-1], in_features).to(grad_out.dtype)
+            crow, col = pattern.trainable
+            rows = torch.repeat_interleave(torch.arange(out_features, device=col.device), crow.diff())
+            grad_values = (g2d.T @ x2d.to(g2d.dtype))[rows, col.long()].to(ctx.values_dtype)
+            return grad_x, grad_values, None, None
+
+    _ops._SparseDeltaLinear = DenseValueGradient
 
 
 class _PeakRSS(threading.Thread):
