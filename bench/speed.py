@@ -100,9 +100,8 @@ def _use_dense_value_gradient() -> None:
             x2d, joined_values = ctx.saved_tensors
             pattern, (out_features, in_features) = ctx.pattern, ctx.pattern.shape
             g2d = grad_out.reshape(-1, out_features).to(ctx.compute_dtype)
-            transposed_values = joined_values[pattern.transposed_order]
-            delta_t = _ops._csr(pattern.transposed, transposed_values, (in_features, out_features))
-            grad_x = torch.sparse.mm(delta_t, g2d.T).T.reshape(*grad_out.shape[:-1], in_features).to(grad_out.dtype)
+            grad_x = _ops._input_gradient(pattern, joined_values, g2d)
+            grad_x = grad_x.reshape(*grad_out.shape[:-1], in_features).to(grad_out.dtype)
             crow, col = pattern.trainable
             rows = torch.repeat_interleave(torch.arange(out_features, device=col.device), crow.diff())
             grad_values = (g2d.T @ x2d.to(g2d.dtype))[rows, col.long()].to(ctx.values_dtype)

@@ -105,10 +105,7 @@ class Run:
 
     def settings(self, steps: int, lr: float) -> TrainSettings:
         """The training settings of one step of the run."""
-        t = self.recipe.training
-        return TrainSettings(
-            steps, lr, t.batch_size, t.grad_accum, t.max_seq_len, t.weight_decay, t.seed, t.save_steps, t.fsdp
-        )
+        return TrainSettings(steps, lr, **self.recipe.training.model_dump())
 
     @property
     def global_batch(self) -> int:
@@ -137,14 +134,12 @@ class Run:
         model, tokenizer = self.base()
         return PeftModel.from_pretrained(model, artifact, is_trainable=True), tokenizer
 
-    def save(self, model, tokenizer, path: Path, with_tokenizer: bool | None = None) -> None:
-        """Save an adapter or a whole model (with its tokenizer: dense mode by default), atomically, once; call
-        it on every process (under FSDP the weights are gathered first)."""
+    def save(self, model, tokenizer, path: Path) -> None:
+        """Save an adapter, or a whole model with its tokenizer, atomically and once; call it on every process
+        (under FSDP the weights are gathered first)."""
         state = gathered_state_dict(model)
-        if with_tokenizer is None:
-            with_tokenizer = self.recipe.mode == "dense"
         if processes().is_main_process:
-            save_pretrained_atomic(model, path, tokenizer if with_tokenizer else None, state)
+            save_pretrained_atomic(model, path, None if isinstance(model, PeftModel) else tokenizer, state)
 
 
 def load_run(recipe: Recipe) -> Run:
@@ -193,7 +188,7 @@ def _train_single_adapter(
             sparse = IsolationConfig(target_modules=r.target_modules, density=r.probe.density, seed=r.training.seed)
             model = get_peft_model(model, sparse)
         train(model, tokenizer, run.examples(tasks, steps), run.settings(steps, lr), f"{out}.work")
-        run.save(model, tokenizer, out, with_tokenizer=method == "full")
+        run.save(model, tokenizer, out)
 
     return run.step(name.replace("/", ":"), key, out, work, everywhere=True), key
 

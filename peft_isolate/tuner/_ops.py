@@ -95,18 +95,24 @@ class _SparseDeltaLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         x2d, joined_values = ctx.saved_tensors
         pattern, dtype = ctx.pattern, ctx.compute_dtype
-        out_features, in_features = pattern.shape
-        g2d = grad_out.reshape(-1, out_features).to(dtype)
+        g2d = grad_out.reshape(-1, pattern.shape[0]).to(dtype)
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:
-            delta_t = _csr(pattern.transposed, joined_values[pattern.transposed_order], (in_features, out_features))
-            grad_x = torch.sparse.mm(delta_t, g2d.T).T.reshape(*grad_out.shape[:-1], in_features).to(grad_out.dtype)
+            grad_x = _input_gradient(pattern, joined_values, g2d).reshape(*grad_out.shape[:-1], pattern.shape[1])
+            grad_x = grad_x.to(grad_out.dtype)
         if ctx.needs_input_grad[1]:
             zeros = torch.zeros(pattern.trainable[1].numel(), dtype=dtype, device=g2d.device)
             sample = _csr(pattern.trainable, zeros, pattern.shape)
             grad_values = torch.sparse.sampled_addmm(sample, g2d.T, x2d.to(dtype), beta=0.0).values()
             grad_values = grad_values.to(ctx.values_dtype)
         return grad_x, grad_values, None, None
+
+
+def _input_gradient(pattern: DeltaPattern, joined_values: torch.Tensor, g2d: torch.Tensor) -> torch.Tensor:
+    """`g2d @ Delta` as a product with the transpose's own CSR (faster than torch's product with a transposed CSR)."""
+    out_features, in_features = pattern.shape
+    delta_t = _csr(pattern.transposed, joined_values[pattern.transposed_order], (in_features, out_features))
+    return torch.sparse.mm(delta_t, g2d.T).T
 
 
 def sparse_delta_linear(
