@@ -10,7 +10,8 @@ stage optimizer steps for every method), once per seed; this script only builds 
 Parts: `main` (base, probes = single-task evidence, multi-task, multi-stage random / given, LoRA multi-task,
 CPI-FT adapter mode), `dense` (CPI-FT dense mode, fp32 full fine-tuning), `forgetting` (task A then task B:
 sequential SFT vs CPI-FT with A's core locked, the paper's Table 2), `ablations` (no fusion, no freezing, tau,
-p, sparse probe). Writes bench/results/seesaw.md, seesaw.json and seesaw.png.
+p, sparse probe, cores re-selected between stages; `--ablations NAME...` picks some). Writes
+bench/results/seesaw.md, seesaw.json and seesaw.png.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ ABLATIONS = {
     "p_0.001": {"regions": {"p": 0.001}},
     "p_0.05": {"regions": {"p": 0.05}},
     "probe_sparse": {"probe": {"method": "sparse"}},
+    "reselect": {"stages": {"reselect": True}},  # later groups' cores found again from the previous stage's model
 }
 
 
@@ -103,7 +105,8 @@ def runs(args, size: dict) -> dict[str, dict[str, dict]]:
                     eval={"stages": True},
                 )
         if "ablations" in args.parts:
-            for name, change in ABLATIONS.items():
+            for name in args.ablations:
+                change = ABLATIONS[name]
                 configs[f"ablation/{name}"] = recipe(size, tasks, seed, base / f"ablation-{name}", args.model, **change)
         for name, config in configs.items():
             print(f"== seed {seed}: {name}", flush=True)
@@ -218,6 +221,7 @@ def main() -> None:
         default=["main", "dense", "forgetting", "ablations"],
         choices=["main", "dense", "forgetting", "ablations"],
     )
+    p.add_argument("--ablations", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS), metavar="NAME")
     p.add_argument("--model", default="smollm2-135m", help="model alias or directory")
     p.add_argument(
         "--pairs",

@@ -4,10 +4,13 @@ Each (method, density, sequence length) runs in its own process on the same base
 memory is not polluted by the others. Reported per step: median time over the timed steps after warm-up; peak
 memory above the loaded model, warm-up (optimizer state) included (CPU: sampled RSS; GPU:
 torch.cuda.max_memory_allocated); ratios to QLoRA and to the floor ("none": base forward + backward to the
-inputs, no adapter).
+inputs, no adapter). `--repeats N` runs every method N times, interleaved, and reports medians. Two "before"
+rows: isolation_csr (training through the base layer plus the CSR product of the delta instead of the merged
+product) and isolation_dense_grad (the value gradient taken from the full weight gradient instead of the SDDMM).
 
     python bench/speed.py                       # SmolLM2-135M nf4 on CPU, density 1%, batch 4 x 128
     python bench/speed.py --density 0.001 0.01 0.05 --seq 128
+    python bench/speed.py --steps 4 --repeats 3 --methods none qlora shira isolation isolation_csr
     python bench/speed.py --shape 1b --quant nf4 --seq 256 1024   # GPU: random Llama of TinyLlama-1.1B shape
 """
 
@@ -25,7 +28,7 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results"
-METHODS = ("none", "qlora", "shira", "isolation", "isolation_dense_grad")
+METHODS = ("none", "qlora", "shira", "isolation", "isolation_csr", "isolation_dense_grad")
 SHAPES = {  # random Llama shapes for GPU timing (weights do not matter for speed)
     "1b": dict(
         hidden_size=2048,
@@ -83,31 +86,31 @@ def _adapt(model, method: str, density: float):
     elif method == "shira":
         cfg = ShiraConfig(r=r, target_modules="all-linear")
     else:
+        if method == "isolation_csr":
+            _use_csr_product()
         if method == "isolation_dense_grad":
             _use_dense_value_gradient()
         cfg = IsolationConfig(target_modules="all-linear", density=r * fan / numel)
     return get_peft_model(model, cfg)
 
 
+def _use_csr_product() -> None:
+    """The "before" of the merged training product: training steps take the base layer plus the CSR product of
+    the delta, as inference does. Benchmark-only."""
+    from peft_isolate.tuner.layer import Linear
+
+    Linear._trains_merged = lambda self, x, adapter: False
+
+
 def _use_dense_value_gradient() -> None:
     """The "before" of the value gradient: the full out x in weight gradient G^T X, then its entries at the
     support, instead of the sampled product (SDDMM) over the support only. Benchmark-only."""
-    from peft_isolate.tuner import _ops
+    from peft_isolate.tuner._ops import DeltaPattern
 
-    class DenseValueGradient(_ops._SparseDeltaLinear):
-        @staticmethod
-        def backward(ctx, grad_out):
-            x2d, joined_values = ctx.saved_tensors
-            pattern, (out_features, in_features) = ctx.pattern, ctx.pattern.shape
-            g2d = grad_out.reshape(-1, out_features).to(ctx.compute_dtype)
-            grad_x = _ops._input_gradient(pattern, joined_values, g2d)
-            grad_x = grad_x.reshape(*grad_out.shape[:-1], in_features).to(grad_out.dtype)
-            crow, col = pattern.trainable
-            rows = torch.repeat_interleave(torch.arange(out_features, device=col.device), crow.diff())
-            grad_values = (g2d.T @ x2d.to(g2d.dtype))[rows, col.long()].to(ctx.values_dtype)
-            return grad_x, grad_values, None, None
+    def dense_value_gradient(self, g2d, x2d, dtype):
+        return (g2d.T @ x2d.to(g2d.dtype)).flatten()[self.indices.long()].to(dtype)
 
-    _ops._SparseDeltaLinear = DenseValueGradient
+    DeltaPattern.value_gradient = dense_value_gradient
 
 
 class _PeakRSS(threading.Thread):
@@ -185,6 +188,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, nargs="+", default=[128])
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=1, help="runs of every method; the table shows their medians")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--out", default=str(RESULTS / "speed.md"))
     p.add_argument("--method", help=argparse.SUPPRESS)  # child mode: one measurement, JSON on stdout
@@ -193,31 +197,23 @@ def main() -> None:
         args.density, args.seq = args.density[0], args.seq[0]
         print(json.dumps(run_one(args)))
         return
-    rows = []
-    for seq in args.seq:
-        for density in args.density:
-            for method in args.methods:
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "--method",
-                    method,
-                    "--shape",
-                    args.shape,
-                    "--quant",
-                    args.quant,
-                    "--density",
-                    str(density),
-                    "--seq",
-                    str(seq),
-                    "--batch",
-                    str(args.batch),
-                    "--steps",
-                    str(args.steps),
-                ]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                rows.append(json.loads(out.strip().splitlines()[-1]))
-                print(rows[-1], flush=True)
+    runs: dict[tuple, list[dict]] = {}
+    for repeat in range(args.repeats):  # methods interleaved, so a drifting machine slows all of them alike
+        for seq in args.seq:
+            for density in args.density:
+                for method in args.methods:
+                    cmd = [sys.executable, __file__, "--method", method, "--shape", args.shape, "--quant", args.quant]
+                    cmd += ["--density", str(density), "--seq", str(seq)]
+                    cmd += ["--batch", str(args.batch), "--steps", str(args.steps)]
+                    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                    row = json.loads(out.strip().splitlines()[-1])
+                    runs.setdefault((seq, density, method), []).append(row)
+                    print(f"repeat {repeat}: {row}", flush=True)
+    rows = [
+        {**same[0], "time_s": statistics.median(r["time_s"] for r in same)}
+        | {"peak_mib": statistics.median(r["peak_mib"] for r in same)}
+        for same in runs.values()
+    ]
     write_table(rows, args)
 
 
@@ -229,6 +225,7 @@ def write_table(rows: list[dict], args) -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (2 cores)"
     lines = [
         f"Model: {args.shape} ({args.quant}), batch {args.batch}, {args.steps} timed steps after 1 warm-up, "
+        f"median of {args.repeats} interleaved run(s) per method, "
         f"device: {device}, torch {torch.__version__}, date {time.strftime('%Y-%m-%d')}.",
         "Command: `python bench/speed.py " + " ".join(sys.argv[1:]) + "`",
         "",

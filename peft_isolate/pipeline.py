@@ -172,15 +172,26 @@ def probe_key(run: Run, task: str) -> str:
 
 
 def _train_single_adapter(
-    run: Run, name: str, key: str, tasks: list[str], steps: int, lr: float, method: str, rank: int
+    run: Run,
+    name: str,
+    key: str,
+    tasks: list[str],
+    steps: int,
+    lr: float,
+    method: str,
+    rank: int,
+    start: Path | None = None,
 ) -> tuple[Path, str]:
-    """Fine-tune one fresh model on the mixture of `tasks` with a LoRA, a sparse isolation adapter or all
-    weights (`method`), and save it to `<output_dir>/<name>` (probes, and the LoRA multi-task baseline)."""
+    """Fine-tune the base (or the model a stage left, `start`, merged) on the mixture of `tasks` with a LoRA, a
+    sparse isolation adapter or all weights (`method`); save it to `<output_dir>/<name>` (probes, and the LoRA
+    multi-task baseline)."""
     r, out = run.recipe, run.out / name
 
     def work():
         set_seed(r.training.seed)  # adapter inits draw from the global generator
-        model, tokenizer = run.base()
+        model, tokenizer = run.load(start)
+        if isinstance(model, PeftModel):
+            model = model.merge_and_unload()
         if method == "lora":
             lora = LoraConfig(r=rank, lora_alpha=rank, target_modules=r.target_modules, lora_dropout=0.0)
             model = get_peft_model(model, lora)
@@ -193,12 +204,22 @@ def _train_single_adapter(
     return run.step(name.replace("/", ":"), key, out, work, everywhere=True), key
 
 
-def run_probe(run: Run, task: str) -> tuple[Path, str]:
-    """Fine-tune a copy of the base on one task alone (the probe) and save it under probes/<task>."""
+def run_probe(run: Run, task: str, start: tuple[Path, str] | None = None, label: str = "") -> tuple[Path, str]:
+    """Fine-tune a copy of the base on one task alone (the probe) and save it under probes/<task>; with `start`
+    (an artifact and its key), a copy of that model, under probes/<task><label>."""
     r = run.recipe
     steps = r.probe.budget(len(run.tasks[task].train), run.global_batch)
+    key = probe_key(run, task) if start is None else _hash(probe_key(run, task), start[1])
     return _train_single_adapter(
-        run, f"probes/{task}", probe_key(run, task), [task], steps, r.probe.lr, r.probe_method, r.probe.rank
+        run,
+        f"probes/{task}{label}",
+        key,
+        [task],
+        steps,
+        r.probe.lr,
+        r.probe_method,
+        r.probe.rank,
+        start=None if start is None else start[0],
     )
 
 
@@ -213,9 +234,9 @@ def run_lora_multitask(run: Run, support: CoreRegions, steps: int, key: str) -> 
     return _train_single_adapter(run, "lora_multitask", key, list(run.tasks), steps, r.stages.lr, "lora", rank)
 
 
-def delta_source(run: Run, task: str) -> DeltaSource:
-    """The task's update, read back from its probe artifact."""
-    probe, base = run.out / "probes" / task, resolve_model(run.recipe.model)
+def delta_source(run: Run, probe: Path, reference: Path | None = None) -> DeltaSource:
+    """A probe's update, read back from its artifact; a full probe's against `reference` (default: the base)."""
+    base = reference or resolve_model(run.recipe.model)
     return {
         "lora": lambda: LoraDelta(probe, base),
         "sparse": lambda: IsolationDelta(probe, base),
@@ -223,15 +244,17 @@ def delta_source(run: Run, task: str) -> DeltaSource:
     }[run.recipe.probe_method]()
 
 
-def run_regions(run: Run, task: str) -> CoreRegions:
-    """Core region of a task: the top-p entries of its probe's |update|."""
-    r, path = run.recipe, run.out / "cores" / f"{task}.safetensors"
+def run_regions(run: Run, task: str, start: tuple[Path, str] | None = None, label: str = "") -> CoreRegions:
+    """Core region of a task: the top-p entries of its probe's |update|; with `start`, of a probe started from
+    that model instead of the base (`stages.reselect`), saved as cores/<task><label>."""
+    r, path = run.recipe, run.out / "cores" / f"{task}{label}.safetensors"
+    probe, key = run_probe(run, task, start, label)
+    reference = start[0] if start is not None and r.mode == "dense" else None
 
     def work():
-        source = delta_source(run, task)
-        find_core_regions(source, r.regions.p, r.regions.scope).save(path)
+        find_core_regions(delta_source(run, probe, reference), r.regions.p, r.regions.scope).save(path)
 
-    run.step(f"cores:{task}", _hash(probe_key(run, task), r.section_hash("regions")), path, work)
+    run.step(f"cores:{task}{label}", _hash(key, r.section_hash("regions")), path, work)
     return CoreRegions.load(path)
 
 
@@ -299,7 +322,7 @@ def run_fusion(run: Run, cores: dict[str, CoreRegions], support: CoreRegions, ba
     base_dir = resolve_model(run.recipe.model)
 
     def work():
-        sources = {t: delta_source(run, t) for t in cores}
+        sources = {t: delta_source(run, run.out / "probes" / t) for t in cores}
         backbone_source = CheckpointDelta(base_dir, backbone) if dense and backbone else None
         stats, values = Counter(), {}
         model, tokenizer = run.base() if dense else (None, None)
@@ -347,15 +370,30 @@ class StageJob:
     locked: CoreRegions | None = None
 
 
-def cpi_ft_jobs(run: Run, plan: StagePlan, cores: dict[str, CoreRegions]) -> list[StageJob]:
+def cpi_ft_job(run: Run, plan: StagePlan, cores: dict[str, CoreRegions], k: int) -> StageJob:
     """Stage k trains its group's cores minus the plan's frozen set, which it locks."""
-    jobs = []
-    for k, group in enumerate(plan.groups):
-        locked = plan.frozen_regions(k, cores)
-        own = reduce(CoreRegions.union, (cores[t] for t in group))
-        trainable = own.difference(locked) if locked is not None else own
-        jobs.append(StageJob(group, run.stage_steps(group), trainable, locked))
-    return jobs
+    group = plan.groups[k]
+    locked = plan.frozen_regions(k, cores)
+    own = reduce(CoreRegions.union, (cores[t] for t in group))
+    trainable = own.difference(locked) if locked is not None else own
+    return StageJob(group, run.stage_steps(group), trainable, locked)
+
+
+def cpi_ft_jobs(run: Run, plan: StagePlan, cores: dict[str, CoreRegions]) -> list[StageJob]:
+    return [cpi_ft_job(run, plan, cores, k) for k in range(len(plan.groups))]
+
+
+def reselecting(run: Run, plan: StagePlan, cores: dict[str, CoreRegions]) -> Callable[..., StageJob]:
+    """`stages.reselect`: before stage k > 0 each task of its group gets its core found again, by a probe of the
+    same budget started from the model stage k-1 left (importance drifts as training goes); the cores earlier
+    stages trained are the ones locked."""
+    used = dict(cores)
+
+    def refine(k: int, previous: tuple[Path, str]) -> StageJob:
+        used.update({t: run_regions(run, t, previous, f"@{k}") for t in plan.groups[k]})
+        return cpi_ft_job(run, plan, used, k)
+
+    return refine
 
 
 def _first_stage(run: Run, start: Path | None):
@@ -374,15 +412,23 @@ def _first_stage(run: Run, start: Path | None):
 
 
 def train_stages(
-    run: Run, name: str, jobs: list[StageJob], key: str, start: Path | None = None
+    run: Run,
+    name: str,
+    jobs: list[StageJob],
+    key: str,
+    start: Path | None = None,
+    refine: Callable[[int, tuple[Path, str]], StageJob] | None = None,
 ) -> list[tuple[Path, str]]:
     """Train the stages in order into `<output_dir>/<name>/<k>/`; returns every stage's artifact and key.
+    `refine(k, (previous artifact, key))` may replace a later stage's job once the stage before it is done.
 
     Adapter mode freezes structurally (locked entries leave the trainable set); dense mode masks gradients
     and restores the frozen entries after each optimizer step."""
     r = run.recipe
     previous, done = None, []
     for k, job in enumerate(jobs):
+        if refine is not None and k:
+            job = refine(k, done[-1])
         out = run.out / name / str(k)
         key = _hash(key, str(k), str(job.tasks), str(job.steps), r.section_hash("stages", "training"))
 
@@ -496,7 +542,8 @@ def run_pipeline(recipe: Recipe, until: str = "evaluate") -> dict | None:
     methods |= {f"probe:{t}": (run.out / "probes" / t, probe_key(run, t)) for t in run.tasks}
     key = _hash(base_key, fusion_key(run, backbone) if start else "")
     cpi_jobs = cpi_ft_jobs(run, plan, cores)
-    stages = {"cpi_ft": train_stages(run, "stages", cpi_jobs, key, start)}
+    refine = reselecting(run, plan, cores) if recipe.stages.reselect else None
+    stages = {"cpi_ft": train_stages(run, "stages", cpi_jobs, key, start, refine)}
     final, final_key = stages["cpi_ft"][-1]
 
     def copy_final():

@@ -97,6 +97,9 @@ class StageSpec(_Budget):
     epochs: float | None = Field(None, gt=0, description="passes over the stage's sampled data, instead of steps")
     lr: float = Field(2e-4, gt=0, description="stage learning rate")
     sample: float = Field(0.5, gt=0, le=1, description="fraction of each task's training data a stage samples")
+    reselect: bool = Field(
+        False, description="find each later group's cores again with a probe started from the previous stage's model"
+    )
 
 
 class TrainingSpec(_Section):

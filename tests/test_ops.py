@@ -1,11 +1,11 @@
-"""The sparse-delta product against a dense reference: values, gradients, dtypes, layouts, empty supports."""
+"""The sparse-delta products against a dense reference: values, gradients, dtypes, layouts, empty supports."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from peft_isolate.tuner._ops import delta_pattern, dense_delta, sparse_delta_linear
+from peft_isolate.tuner._ops import DeltaPattern, dense_delta, merged_delta_linear, sparse_delta_linear
 
 
 def _support(numel: int, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -34,7 +34,7 @@ def _reference(x, train, values, frozen, frozen_values, shape):
 def test_forward_and_gradients_match_dense_reference(shape, k):
     x, train, values, frozen, frozen_values = _case(*shape, *k, torch.float32)
     grad_out = torch.randn(3, 4, shape[0])
-    y = sparse_delta_linear(x, values, frozen_values, delta_pattern(train, frozen, shape))
+    y = sparse_delta_linear(x, values, frozen_values, DeltaPattern(train, frozen, shape))
     y.backward(grad_out)
     x_ref = x.detach().double().requires_grad_()
     values_ref = values.detach().double().requires_grad_()
@@ -49,7 +49,7 @@ def test_gradcheck_float64():
     x, train, values, frozen, frozen_values = _case(6, 5, 7, 3, torch.float64)
     values = values.detach().double().requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda x_, v_: sparse_delta_linear(x_, v_, frozen_values.double(), delta_pattern(train, frozen, (6, 5))),
+        lambda x_, v_: sparse_delta_linear(x_, v_, frozen_values.double(), DeltaPattern(train, frozen, (6, 5))),
         (x, values),
     )
 
@@ -58,13 +58,13 @@ def test_non_contiguous_input():
     x, train, values, frozen, frozen_values = _case(9, 12, 20, 5, torch.float32)
     wide = torch.randn(3, 12, 4).transpose(1, 2)  # [3, 4, 12], not contiguous
     assert not wide.is_contiguous()
-    y = sparse_delta_linear(wide, values, frozen_values, delta_pattern(train, frozen, (9, 12)))
+    y = sparse_delta_linear(wide, values, frozen_values, DeltaPattern(train, frozen, (9, 12)))
     torch.testing.assert_close(y, _reference(wide, train, values, frozen, frozen_values, (9, 12)).float())
 
 
 def test_bfloat16_input_gives_bfloat16_output_and_fp32_value_grads():
     x, train, values, frozen, frozen_values = _case(16, 24, 30, 10, torch.bfloat16)
-    y = sparse_delta_linear(x, values, frozen_values, delta_pattern(train, frozen, (16, 24)))
+    y = sparse_delta_linear(x, values, frozen_values, DeltaPattern(train, frozen, (16, 24)))
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert values.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
@@ -75,12 +75,55 @@ def test_bfloat16_input_gives_bfloat16_output_and_fp32_value_grads():
 def test_empty_support_is_zero_and_keeps_no_graph():
     x = torch.randn(2, 5, requires_grad=True)
     empty = torch.zeros(0, dtype=torch.int32)
-    y = sparse_delta_linear(x, torch.zeros(0, requires_grad=True), torch.zeros(0), delta_pattern(empty, empty, (3, 5)))
+    y = sparse_delta_linear(x, torch.zeros(0, requires_grad=True), torch.zeros(0), DeltaPattern(empty, empty, (3, 5)))
     assert torch.equal(y, torch.zeros(2, 3)) and not y.requires_grad
 
 
 def test_frozen_part_gets_no_gradient_and_x_only_saved_when_needed():
     x, train, values, frozen, frozen_values = _case(8, 8, 5, 5, torch.float32)
     frozen_values.requires_grad_()
-    sparse_delta_linear(x, values, frozen_values, delta_pattern(train, frozen, (8, 8))).sum().backward()
+    sparse_delta_linear(x, values, frozen_values, DeltaPattern(train, frozen, (8, 8))).sum().backward()
     assert frozen_values.grad is None and values.grad is not None
+
+
+def _merged(x, values, frozen_values, bias, train, frozen, weight):
+    pattern = DeltaPattern(train, frozen, tuple(weight.shape))
+    return merged_delta_linear(x, values, frozen_values, bias, pattern, lambda: weight.clone())
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (64, 33), (17, 128)])
+@pytest.mark.parametrize("k", [(0, 4), (6, 0), (10, 9), (1, 1)])
+def test_merged_product_matches_dense_reference(shape, k):
+    """The training product `x @ (W + Delta)^T + b`: output and the gradients of x, the values and the bias."""
+    x, train, values, frozen, frozen_values = _case(*shape, *k, torch.float32)
+    weight, bias = torch.randn(shape), torch.randn(shape[0], requires_grad=True)
+    grad_out = torch.randn(3, 4, shape[0])
+    _merged(x, values, frozen_values, bias, train, frozen, weight).backward(grad_out)
+    x_ref, values_ref, bias_ref = (t.detach().double().requires_grad_() for t in (x, values, bias))
+    y_ref = x_ref @ weight.double().T + _reference(x_ref, train, values_ref, frozen, frozen_values, shape) + bias_ref
+    y_ref.backward(grad_out.double())
+    for got, want in ((x.grad, x_ref.grad), (values.grad, values_ref.grad), (bias.grad, bias_ref.grad)):
+        torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-4)
+
+
+def test_merged_product_gradcheck_float64_non_contiguous():
+    x, train, values, frozen, frozen_values = _case(6, 5, 7, 3, torch.float64)
+    values = values.detach().double().requires_grad_()
+    wide = torch.randn(3, 5, 4, dtype=torch.float64).transpose(1, 2).requires_grad_()  # [3, 4, 5], not contiguous
+    weight = torch.randn(6, 5, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda x_, v_: _merged(x_, v_, frozen_values.double(), None, train, frozen, weight), (wide, values)
+    )
+
+
+def test_merged_product_in_bfloat16_keeps_fp32_value_grads():
+    x, train, values, frozen, frozen_values = _case(16, 24, 30, 10, torch.bfloat16)
+    weight = torch.randn(16, 24)
+    y = _merged(x, values, frozen_values, None, train, frozen, weight.bfloat16())
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert values.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    ref = x.detach().double() @ weight.double().T + _reference(
+        x.detach(), train, values.detach(), frozen, frozen_values, (16, 24)
+    )
+    torch.testing.assert_close(y.double(), ref, rtol=3e-2, atol=3e-2)  # bf16 rounding of x, W + Delta and y

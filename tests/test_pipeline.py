@@ -109,6 +109,33 @@ def test_pipeline_end_to_end(recipe_file, tiny_dir, mode):
     assert (out / "state.json").read_text() == state
 
 
+@pytest.mark.parametrize("mode", ["adapter", "dense"])
+def test_reselect_finds_later_cores_from_the_previous_stage(recipe_file, tiny_dir, mode):
+    """stages.reselect: the second group's core comes from a probe started from stage 0's model; stage 1 trains
+    there and only there in adapter mode (dense mode trains every unlocked entry and locks the cores stages
+    trained), and the first core stays bit-identical."""
+    recipe = load_recipe(recipe_file, [f"mode={mode}", "stages.reselect=true", "baselines=[]"])
+    run_pipeline(recipe, until="train-stage")
+    out = Path(recipe.output_dir)
+    first, second = (s["tasks"][0] for s in json.loads((out / "plan.json").read_text())["stages"])
+    assert (out / "probes" / f"{second}@1").is_dir()
+    original = CoreRegions.load(out / "cores" / f"{second}.safetensors")
+    reselected = CoreRegions.load(out / "cores" / f"{second}@1.safetensors")
+    assert any(not torch.equal(reselected.indices[n], original.indices[n]) for n in original.indices)
+    first_core = CoreRegions.load(out / "cores" / f"{first}.safetensors")
+    before, after = (_effective_weights(out, k, mode, tiny_dir) for k in (0, 1))
+    moved = 0
+    for name, idx in reselected.indices.items():
+        changed = torch.nonzero(before[name] != after[name]).flatten()
+        assert mode == "dense" or torch.isin(changed, idx.long()).all(), name
+        assert torch.equal(before[name][first_core.indices[name].long()], after[name][first_core.indices[name].long()])
+        moved += changed.numel()
+    assert moved > 0
+    state = (out / "state.json").read_text()
+    run_pipeline(recipe, until="train-stage")
+    assert (out / "state.json").read_text() == state
+
+
 def test_recipe_errors_name_the_problem(tmp_path, recipe_file):
     data = yaml.safe_load(recipe_file.read_text())
     bad = tmp_path / "bad.yaml"

@@ -1,18 +1,27 @@
-"""The sparse-delta linear product and its backward, without a dense out x in delta or weight gradient.
+"""The sparse-delta linear products and their backward, without a dense out x in delta or weight gradient kept.
 
 A delta is a set of sorted flat positions into an `[out, in]` weight with one value each. Sorted flat positions
 are exactly the row-major order of a CSR matrix, so the CSR structure is two cheap ops away: columns are
-`idx % in`, row pointers a `searchsorted`. Forward and the input gradient are sparse-dense products (CSR of the
-delta and of its transpose); the value gradient is the weight gradient sampled at the support (SDDMM),
-`torch.sparse.sampled_addmm`. The structures depend only on the index sets, so a layer builds them once
-(`delta_pattern`) and every step reuses them: per entry 4 bytes of columns, 4 of transposed columns and 8 of
-transposed order, plus 8 of joined order and 4 of trainable columns while a frozen part exists.
+`idx % in`, row pointers a `searchsorted`. The value gradient is the weight gradient sampled at the support
+(SDDMM, `torch.sparse.sampled_addmm`), never the full `out x in` one.
+
+Two forward products share it:
+- `merged_delta_linear` (training): the frozen base weight is rebuilt densely, the delta scattered into it, one
+  dense product; backward rebuilds it again. bitsandbytes' 4-bit matmul dequantizes the same way in its forward
+  and backward, so base plus delta cost one product plus a scatter of the support, and nothing `out x in` is kept.
+- `sparse_delta_linear` (inference, other bases): `x @ Delta^T` as a CSR product added to the base layer's output,
+  which keeps the base layer's own kernels (bitsandbytes' single-row and packed CPU kernels, int8 matmuls).
+
+The structures depend only on the index sets, so a layer builds them once (`DeltaPattern`) and every step reuses
+them: per entry 4 bytes of trainable columns; the joined and transposed structures of the CSR product (4 + 4 + 8
+bytes per entry, 8 more while a frozen part exists) are built the first time that product runs.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from functools import cached_property
 
 import torch
 
@@ -35,50 +44,69 @@ def _csr(structure: tuple[torch.Tensor, torch.Tensor], values: torch.Tensor, sha
     return torch.sparse_csr_tensor(*structure, values, shape, check_invariants=False)
 
 
-@dataclass(frozen=True)
 class DeltaPattern:
-    """The sparsity structure of one delta (a trainable and a frozen part on disjoint index sets), which stays
-    fixed while the index sets do: built once per change, reused by every step.
+    """The sparsity structure of one delta (a trainable and a frozen part on disjoint sorted index sets), which
+    stays fixed while the index sets do: built once per change, reused by every step.
 
-    It holds the CSR structure of the joined delta, of its transpose (the input gradient is then a CSR product
-    as well; torch's product with a transposed CSR is 1.5x slower on CPU) and of the trainable part (the pattern
-    of the value gradient), plus the permutations that put the values into joined and transposed order."""
+    `trainable` (the pattern of the value gradient) is built at once; the structures of the CSR product, the
+    joined delta's and its transpose's (the input gradient is then a CSR product too, 1.5x faster on CPU than
+    torch's product with a transposed CSR), on first use."""
 
-    shape: tuple[int, int]
-    joined: tuple[torch.Tensor, torch.Tensor]
-    joined_order: torch.Tensor | None  # joined position -> position in cat(values, frozen values); None: no frozen
-    transposed: tuple[torch.Tensor, torch.Tensor]
-    transposed_order: torch.Tensor  # transposed position -> joined position
-    trainable: tuple[torch.Tensor, torch.Tensor]
+    def __init__(self, indices: torch.Tensor, frozen_indices: torch.Tensor, shape: tuple[int, int]) -> None:
+        self.indices, self.frozen_indices, self.shape = indices, frozen_indices, shape
+        self.trainable = _csr_structure(indices, shape)
+
+    @property
+    def empty(self) -> bool:
+        return self.indices.numel() + self.frozen_indices.numel() == 0
+
+    def add_to(self, weight: torch.Tensor, values: torch.Tensor, frozen_values: torch.Tensor) -> torch.Tensor:
+        """`weight` (a dense `[out, in]` tensor of its own) plus the delta, in place."""
+        flat = weight.view(-1)
+        flat.index_add_(0, self.indices.long(), values.to(flat.dtype))
+        flat.index_add_(0, self.frozen_indices.long(), frozen_values.to(flat.dtype))
+        return weight
+
+    @cached_property
+    def _joined(self) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+        """CSR structure of trainable + frozen, and joined position -> position in cat(values, frozen values)."""
+        if not self.frozen_indices.numel():
+            return self.trainable, None
+        joined, order = torch.sort(torch.cat([self.indices, self.frozen_indices]))
+        return _csr_structure(joined, self.shape), order
+
+    @cached_property
+    def _transposed(self) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """CSR structure of the joined delta's transpose, and transposed position -> joined position."""
+        out_features, in_features = self.shape
+        crow, col = self._joined[0]
+        rows = torch.repeat_interleave(torch.arange(out_features, device=col.device), crow.diff())
+        flat_t, order = torch.sort(col.long() * out_features + rows)
+        return _csr_structure(flat_t, (in_features, out_features)), order
 
     def joined_values(self, values: torch.Tensor, frozen_values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if self.joined_order is None:
+        order = self._joined[1]
+        if order is None:
             return values.to(dtype)
-        return torch.cat([values.to(dtype), frozen_values.to(dtype)])[self.joined_order]
+        return torch.cat([values.to(dtype), frozen_values.to(dtype)])[order]
 
+    def joined_csr(self, joined_values: torch.Tensor) -> torch.Tensor:
+        return _csr(self._joined[0], joined_values, self.shape)
 
-def delta_pattern(indices: torch.Tensor, frozen_indices: torch.Tensor, shape: tuple[int, int]) -> DeltaPattern:
-    """The DeltaPattern of the sorted disjoint flat index sets `indices` (trainable) and `frozen_indices`."""
-    out_features, in_features = shape
-    trainable = _csr_structure(indices, shape)
-    joined, joined_order, joined_structure = indices, None, trainable
-    if frozen_indices.numel():
-        joined, joined_order = torch.sort(torch.cat([indices, frozen_indices]))
-        joined_structure = _csr_structure(joined, shape)
-    flat = joined.long()
-    transposed_flat, transposed_order = torch.sort((flat % in_features) * out_features + flat // in_features)
-    return DeltaPattern(
-        shape=(out_features, in_features),
-        joined=joined_structure,
-        joined_order=joined_order,
-        transposed=_csr_structure(transposed_flat, (in_features, out_features)),
-        transposed_order=transposed_order,
-        trainable=trainable,
-    )
+    def transposed_csr(self, joined_values: torch.Tensor) -> torch.Tensor:
+        structure, order = self._transposed
+        return _csr(structure, joined_values[order], self.shape[::-1])
+
+    def value_gradient(self, g2d: torch.Tensor, x2d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`(g2d^T @ x2d)` at the trainable entries only (SDDMM), in `dtype`."""
+        compute = g2d.dtype if g2d.dtype in _SPARSE_DTYPES else torch.float32
+        zeros = torch.zeros(self.indices.numel(), dtype=compute, device=g2d.device)
+        sample = _csr(self.trainable, zeros, self.shape)
+        return torch.sparse.sampled_addmm(sample, g2d.T.to(compute), x2d.to(compute), beta=0.0).values().to(dtype)
 
 
 class _SparseDeltaLinear(torch.autograd.Function):
-    """y = x @ Delta^T for Delta = trainable part + frozen part (disjoint); gradients for x and trainable values."""
+    """y = x @ Delta^T for Delta = trainable part + frozen part; gradients for x and the trainable values."""
 
     @staticmethod
     def forward(ctx, x, values, frozen_values, pattern: DeltaPattern):
@@ -86,7 +114,7 @@ class _SparseDeltaLinear(torch.autograd.Function):
         out_features, in_features = pattern.shape
         x2d = x.reshape(-1, in_features)
         joined_values = pattern.joined_values(values, frozen_values, compute_dtype)
-        y = torch.sparse.mm(_csr(pattern.joined, joined_values, pattern.shape), x2d.to(compute_dtype).T).T
+        y = torch.sparse.mm(pattern.joined_csr(joined_values), x2d.to(compute_dtype).T).T
         ctx.pattern, ctx.compute_dtype, ctx.values_dtype = pattern, compute_dtype, values.dtype
         ctx.save_for_backward(x2d if ctx.needs_input_grad[1] else None, joined_values)
         return y.reshape(*x.shape[:-1], out_features).to(x.dtype)
@@ -94,25 +122,15 @@ class _SparseDeltaLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x2d, joined_values = ctx.saved_tensors
-        pattern, dtype = ctx.pattern, ctx.compute_dtype
-        g2d = grad_out.reshape(-1, pattern.shape[0]).to(dtype)
+        pattern = ctx.pattern
+        g2d = grad_out.reshape(-1, pattern.shape[0]).to(ctx.compute_dtype)
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:
-            grad_x = _input_gradient(pattern, joined_values, g2d).reshape(*grad_out.shape[:-1], pattern.shape[1])
-            grad_x = grad_x.to(grad_out.dtype)
+            grad_x = torch.sparse.mm(pattern.transposed_csr(joined_values), g2d.T).T
+            grad_x = grad_x.reshape(*grad_out.shape[:-1], pattern.shape[1]).to(grad_out.dtype)
         if ctx.needs_input_grad[1]:
-            zeros = torch.zeros(pattern.trainable[1].numel(), dtype=dtype, device=g2d.device)
-            sample = _csr(pattern.trainable, zeros, pattern.shape)
-            grad_values = torch.sparse.sampled_addmm(sample, g2d.T, x2d.to(dtype), beta=0.0).values()
-            grad_values = grad_values.to(ctx.values_dtype)
+            grad_values = pattern.value_gradient(g2d, x2d, ctx.values_dtype)
         return grad_x, grad_values, None, None
-
-
-def _input_gradient(pattern: DeltaPattern, joined_values: torch.Tensor, g2d: torch.Tensor) -> torch.Tensor:
-    """`g2d @ Delta` as a product with the transpose's own CSR (faster than torch's product with a transposed CSR)."""
-    out_features, in_features = pattern.shape
-    delta_t = _csr(pattern.transposed, joined_values[pattern.transposed_order], (in_features, out_features))
-    return torch.sparse.mm(delta_t, g2d.T).T
 
 
 def sparse_delta_linear(
@@ -123,9 +141,51 @@ def sparse_delta_linear(
     Gradients flow to `x` and to the trainable `values`, never to the frozen part. Keeps `x` (a view of what the
     base layer keeps) and the joined values for backward.
     """
-    if pattern.joined[1].numel() == 0:
+    if pattern.empty:
         return x.new_zeros(*x.shape[:-1], pattern.shape[0])
     return _SparseDeltaLinear.apply(x, values, frozen_values, pattern)
+
+
+class _MergedDeltaLinear(torch.autograd.Function):
+    """y = x @ (W + Delta)^T + b with the frozen W rebuilt by `base_weight` in forward and again in backward."""
+
+    @staticmethod
+    def forward(ctx, x, values, frozen_values, bias, pattern: DeltaPattern, base_weight):
+        weight = pattern.add_to(base_weight(), values, frozen_values)
+        y = torch.nn.functional.linear(x, weight, bias)
+        ctx.pattern, ctx.base_weight, ctx.product_dtype = pattern, base_weight, y.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x, values, frozen_values)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, values, frozen_values = ctx.saved_tensors
+        pattern, dtype = ctx.pattern, ctx.product_dtype
+        g2d = grad_out.reshape(-1, pattern.shape[0]).to(dtype)
+        grad_x = grad_values = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            weight = pattern.add_to(ctx.base_weight(), values, frozen_values).to(dtype)
+            grad_x = (g2d @ weight).reshape(x.shape).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_values = pattern.value_gradient(g2d, x.reshape(-1, pattern.shape[1]), values.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_bias = g2d.sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_values, None, grad_bias, None, None
+
+
+def merged_delta_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    frozen_values: torch.Tensor,
+    bias: torch.Tensor | None,
+    pattern: DeltaPattern,
+    base_weight: Callable[[], torch.Tensor],
+) -> torch.Tensor:
+    """`x @ (W + Delta)^T + bias`, where `base_weight()` returns a new dense copy of the frozen base weight W (in
+    the product's dtype) each call: one for forward, one for backward. Gradients flow to `x`, the trainable
+    `values` and `bias`; keeps `x` and the values, as a LoRA layer keeps its input."""
+    return _MergedDeltaLinear.apply(x, values, frozen_values, bias, pattern, base_weight)
 
 
 def dense_delta(

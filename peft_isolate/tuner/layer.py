@@ -13,7 +13,7 @@ from peft.utils.integrations import dequantize_bnb_weight, get_bnb_param_type
 from torch import nn
 
 from ..regions import check_index_set
-from ._ops import DeltaPattern, delta_pattern, dense_delta, sparse_delta_linear
+from ._ops import DeltaPattern, dense_delta, merged_delta_linear, sparse_delta_linear
 from .config import IsolationConfig
 
 
@@ -302,17 +302,46 @@ class Linear(nn.Module, IsolationLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
         if self.merged:
-            return result
-        for adapter in self.active_adapters:
-            if adapter not in self.isolation_values:
-                continue
+            return self.base_layer(x, *args, **kwargs)
+        adapters = [a for a in self.active_adapters if a in self.isolation_values]
+        if len(adapters) == 1 and self._trains_merged(x, adapters[0]):
+            return self._merged_forward(x, adapters[0])
+        result = self.base_layer(x, *args, **kwargs)
+        for adapter in adapters:
             values, frozen_values = self.isolation_values[adapter], self.isolation_frozen_values[adapter]
-            result = result + sparse_delta_linear(x, values, frozen_values, self.delta_pattern(adapter)).to(
-                result.dtype
-            )
+            delta = sparse_delta_linear(x, values, frozen_values, self.delta_pattern(adapter))
+            result = result + delta.to(result.dtype)
         return result
+
+    def _trains_merged(self, x: torch.Tensor, adapter: str) -> bool:
+        """Training steps on several rows of a full-precision or 4-bit base with a frozen weight take the merged
+        product (base and delta in one dense product); the rest keeps the base layer's own kernels."""
+        base = self.get_base_layer()
+        return (
+            torch.is_grad_enabled()
+            and self.isolation_values[adapter].requires_grad
+            and x.numel() > x.shape[-1]
+            and not base.weight.requires_grad
+            and get_bnb_param_type(base.weight) != "8bit"
+            and not self.delta_pattern(adapter).empty
+        )
+
+    def _merged_forward(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        """`x @ (W + Delta)^T + b` in the base layer's compute dtype, returned in `x`'s dtype as bitsandbytes does."""
+        base = self.get_base_layer()
+        dtype = getattr(base, "compute_dtype", None) or base.weight.dtype
+        dtype = dtype if dtype.is_floating_point else x.dtype
+
+        def base_weight() -> torch.Tensor:  # a copy of its own: the delta is added into it
+            if get_bnb_param_type(base.weight):
+                return dequantized_weight(base).to(dtype)
+            return base.weight.detach().to(dtype, copy=True)
+
+        bias = None if base.bias is None else base.bias.to(dtype)
+        values, frozen_values = self.isolation_values[adapter], self.isolation_frozen_values[adapter]
+        y = merged_delta_linear(x.to(dtype), values, frozen_values, bias, self.delta_pattern(adapter), base_weight)
+        return y.to(x.dtype)
 
     def delta_pattern(self, adapter: str) -> DeltaPattern:
         """The adapter's sparsity structure, rebuilt only when an index set is replaced or changed in place (lock,
@@ -321,7 +350,7 @@ class Linear(nn.Module, IsolationLayer):
         versions = (indices._version, frozen._version)
         cached = self._delta_patterns.get(adapter)  # holds the index tensors, so `is` cannot see a reused address
         if cached is None or cached[0] is not indices or cached[1] is not frozen or cached[2] != versions:
-            cached = (indices, frozen, versions, delta_pattern(indices, frozen, self.shape))
+            cached = (indices, frozen, versions, DeltaPattern(indices, frozen, self.shape))
             self._delta_patterns[adapter] = cached
         return cached[3]
 
