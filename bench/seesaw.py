@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -42,6 +43,7 @@ SIZES = {
     "full": dict(tasks=4, train=1000, eval=200, probe=200, stage=200, seq=128),
 }
 ABLATIONS = {
+    "unchanged": {},  # the reference: CPI-FT as in `main`, by the same code as the ablations beside it
     "no_fusion": {"fusion": {"enabled": False}},
     "no_freezing": {"plan": {"freeze": "none"}},
     "tau_0": {"plan": {"tau": 0.0}},
@@ -106,8 +108,12 @@ def runs(args, size: dict) -> dict[str, dict[str, dict]]:
                 )
         if "ablations" in args.parts:
             for name in args.ablations:
-                change = ABLATIONS[name]
-                configs[f"ablation/{name}"] = recipe(size, tasks, seed, base / f"ablation-{name}", args.model, **change)
+                out_dir = base / f"ablation-{name}"
+                if not out_dir.exists() and (base / "main" / "state.json").exists():
+                    # start from the seed's main run: the pipeline keeps what its recipe hashes say is the same
+                    # (probes, their scores, often cores and plan) and redoes the rest
+                    shutil.copytree(base / "main", out_dir)
+                configs[f"ablation/{name}"] = recipe(size, tasks, seed, out_dir, args.model, **ABLATIONS[name])
         for name, config in configs.items():
             print(f"== seed {seed}: {name}", flush=True)
             out.setdefault(name, {})[str(seed)] = run_pipeline(config)

@@ -385,7 +385,8 @@ def test_random_support_avoids_frozen_entries(load_tiny, tmp_path):
 
 def test_adapter_memory_is_20_bytes_per_trainable_and_9_per_frozen_entry(load_tiny):
     """int32 index + fp32 value + fp32 gradient + AdamW's two fp32 moments = 20 bytes per trainable entry;
-    int32 index + fp32 value + bool locked flag = 9 bytes per held or locked entry."""
+    int32 index + fp32 value + bool locked flag = 9 bytes per held or locked entry; plus, cached for training
+    steps, 4 bytes of CSR column per trainable entry and 4 per weight row."""
     peft_model = _stage_model(load_tiny, "fp32")
     opt = train_steps(peft_model, steps=1)
     peft_model(TOKENS, labels=TOKENS).loss.backward()  # gradients as they are between backward and step
@@ -395,6 +396,11 @@ def test_adapter_memory_is_20_bytes_per_trainable_and_9_per_frozen_entry(load_ti
     measured += sum(p.nbytes + p.grad.nbytes for p in peft_model.parameters() if p.requires_grad)
     measured += sum(t.nbytes for state in opt.state.values() for t in state.values() if t.dim() == 1)
     assert measured == 20 * trainable + 9 * frozen
+    # training steps build only the value gradient's CSR pattern: int32 columns and row pointers
+    patterns = [layer.delta_pattern("default") for layer in layers(peft_model).values()]
+    assert not any("_joined" in vars(p) or "_transposed" in vars(p) for p in patterns)
+    rows = sum(p.shape[0] + 1 for p in patterns)
+    assert sum(p.trainable[0].nbytes + p.trainable[1].nbytes for p in patterns) == 4 * trainable + 4 * rows
 
 
 def test_sparsity_structure_is_reused_until_an_index_set_changes(load_tiny):

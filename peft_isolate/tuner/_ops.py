@@ -13,8 +13,9 @@ Two forward products share it:
   which keeps the base layer's own kernels (bitsandbytes' single-row and packed CPU kernels, int8 matmuls).
 
 The structures depend only on the index sets, so a layer builds them once (`DeltaPattern`) and every step reuses
-them: per entry 4 bytes of trainable columns; the joined and transposed structures of the CSR product (4 + 4 + 8
-bytes per entry, 8 more while a frozen part exists) are built the first time that product runs.
+them: per trainable entry 4 bytes of CSR columns (and 4 per weight row); the joined and transposed structures of
+the CSR product (4 + 4 + 8 bytes per entry, 8 more while a frozen part exists) are built the first time that
+product runs.
 """
 
 from __future__ import annotations
@@ -85,15 +86,18 @@ class DeltaPattern:
         return _csr_structure(flat_t, (in_features, out_features)), order
 
     def joined_values(self, values: torch.Tensor, frozen_values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Both parts' values in the joined CSR order."""
         order = self._joined[1]
         if order is None:
             return values.to(dtype)
         return torch.cat([values.to(dtype), frozen_values.to(dtype)])[order]
 
     def joined_csr(self, joined_values: torch.Tensor) -> torch.Tensor:
+        """The delta as a CSR `[out, in]` tensor."""
         return _csr(self._joined[0], joined_values, self.shape)
 
     def transposed_csr(self, joined_values: torch.Tensor) -> torch.Tensor:
+        """The delta's transpose as a CSR `[in, out]` tensor."""
         structure, order = self._transposed
         return _csr(structure, joined_values[order], self.shape[::-1])
 
