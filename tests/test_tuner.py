@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -173,7 +174,7 @@ def test_merged_forward_equals_unmerged(load_tiny, kind):
     peft_model = get_peft_model(model, IsolationConfig(target_modules="all-linear", density=0.1, init_weights=False))
     unmerged = logits(peft_model)
     assert not torch.equal(unmerged, base_ref)
-    with pytest.warns(UserWarning, match="rounds") if kind != "fp32" else _nullcontext():
+    with pytest.warns(UserWarning, match="rounds") if kind != "fp32" else contextlib.nullcontext():
         peft_model.merge_adapter()
     merged = logits(peft_model)
     if kind == "fp32":
@@ -208,12 +209,21 @@ def test_training_product_equals_inference_product(load_tiny, kind):
         assert torch.equal(training, layer(x))
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
+def test_base_with_an_accelerate_hook_keeps_its_forward(load_tiny):
+    from accelerate.hooks import ModelHook, add_hook_to_module
 
-    def __exit__(self, *exc):
-        return False
+    class Count(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Count.calls += 1
+            return args, kwargs
+
+    peft_model = _stage_model(load_tiny, "fp32")
+    layer = peft_model.base_model.model.model.layers[0].mlp.down_proj
+    add_hook_to_module(layer.base_layer, Count())
+    y = layer(torch.randn(3, 5, layer.in_features, requires_grad=True))
+    assert Count.calls == 1 and type(y.grad_fn).__name__ != "_MergedDeltaLinearBackward"
 
 
 def test_disable_unload_and_multiple_adapters(load_tiny):

@@ -316,10 +316,12 @@ class Linear(nn.Module, IsolationLayer):
 
     def _trains_merged(self, x: torch.Tensor, adapter: str) -> bool:
         """Training steps on several rows of a full-precision or 4-bit base with a frozen weight take the merged
-        product (base and delta in one dense product); the rest keeps the base layer's own kernels."""
+        product (base and delta in one dense product); the rest keeps the base layer's own kernels, and a base
+        with an accelerate hook (offloading, device alignment) keeps its forward."""
         base = self.get_base_layer()
         return (
             torch.is_grad_enabled()
+            and not hasattr(base, "_hf_hook")
             and self.isolation_values[adapter].requires_grad
             and x.numel() > x.shape[-1]
             and not base.weight.requires_grad
