@@ -269,10 +269,8 @@ class Linear(nn.Module, IsolationLayer):
             warnings.warn("Merging into a quantized base dequantizes, adds and requantizes: this rounds.", stacklevel=3)
         weight = dequantized_weight(base)
         weight = weight.clone() if safe_merge or quantized else weight
-        idx, val, f_idx, f_val, _ = self._parts(adapter)
-        flat = weight.view(-1)
-        flat.index_add_(0, idx.long(), (sign * val).to(flat.dtype))
-        flat.index_add_(0, f_idx.long(), (sign * f_val).to(flat.dtype))
+        _, val, _, f_val, _ = self._parts(adapter)
+        self.delta_pattern(adapter).add_to(weight, sign * val, sign * f_val)
         if safe_merge and not torch.isfinite(weight).all():
             raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
         if quantized:
