@@ -53,7 +53,9 @@ def _load(args):
 
     path = Path(tempfile.gettempdir()) / f"peft-isolate-bench-{args.shape}"
     if not path.exists():
-        LlamaForCausalLM(LlamaConfig(**SHAPES[args.shape])).to(torch.bfloat16).save_pretrained(path)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init is slow on a CPU
+            model = LlamaForCausalLM(LlamaConfig(**SHAPES[args.shape]))
+        model.to(torch.bfloat16).save_pretrained(path)
     return load_model(path, quantization=args.quant)[0]
 
 
@@ -198,30 +200,43 @@ def main() -> None:
         print(json.dumps(run_one(args)))
         return
     runs: dict[tuple, list[dict]] = {}
+    failed: list[str] = []
     for repeat in range(args.repeats):  # methods interleaved, so a drifting machine slows all of them alike
         for seq in args.seq:
             for density in args.density:
                 for method in args.methods:
+                    if method == "none" and density != args.density[0]:  # the floor has no density
+                        continue
                     cmd = [sys.executable, __file__, "--method", method, "--shape", args.shape, "--quant", args.quant]
                     cmd += ["--density", str(density), "--seq", str(seq)]
                     cmd += ["--batch", str(args.batch), "--steps", str(args.steps)]
-                    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                    row = json.loads(out.strip().splitlines()[-1])
+                    proc = subprocess.run(cmd, capture_output=True, text=True)
+                    if proc.returncode:
+                        failed.append(
+                            f"{method} (seq {seq}, density {density}): {proc.stderr.strip().splitlines()[-1]}"
+                        )
+                        print(f"FAILED {failed[-1]}\n{proc.stderr[-3000:]}", flush=True)
+                        continue
+                    row = json.loads(proc.stdout.strip().splitlines()[-1])
                     runs.setdefault((seq, density, method), []).append(row)
                     print(f"repeat {repeat}: {row}", flush=True)
-    rows = [
+                    write_table(_medians(runs), failed, args)  # a run cut short still leaves its table
+    print(write_table(_medians(runs), failed, args))
+
+
+def _medians(runs: dict[tuple, list[dict]]) -> list[dict]:
+    return [
         {**same[0], "time_s": statistics.median(r["time_s"] for r in same)}
         | {"peak_mib": statistics.median(r["peak_mib"] for r in same)}
         for same in runs.values()
     ]
-    write_table(rows, args)
 
 
 def _ratio(row: dict, ref: dict | None, key: str) -> str:
     return f"{row[key] / ref[key]:.2f}" if ref and ref[key] > 0 else "-"
 
 
-def write_table(rows: list[dict], args) -> None:
+def write_table(rows: list[dict], failed: list[str], args) -> str:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (2 cores)"
     lines = [
         f"Model: {args.shape} ({args.quant}), batch {args.batch}, {args.steps} timed steps after 1 warm-up, "
@@ -233,16 +248,20 @@ def write_table(rows: list[dict], args) -> None:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        same = {m["method"]: m for m in rows if m["seq"] == r["seq"] and m["density"] == r["density"]}
-        lora, floor = same.get("qlora"), same.get("none")
+        lora = next(
+            (m for m in rows if m["seq"] == r["seq"] and m["density"] == r["density"] and m["method"] == "qlora"), None
+        )
+        floor = next((m for m in rows if m["seq"] == r["seq"] and m["method"] == "none"), None)
+        density = "-" if r["method"] == "none" else f"{r['density']:.3%}"
         lines.append(
-            f"| {r['seq']} | {r['density']:.3%} | {r['method']} | {r['trainable']:,} | {r['time_s']:.3f} | "
+            f"| {r['seq']} | {density} | {r['method']} | {r['trainable']:,} | {r['time_s']:.3f} | "
             f"{_ratio(r, lora, 'time_s')} | {_ratio(r, floor, 'time_s')} | {r['peak_mib']:.0f} | "
             f"{_ratio(r, lora, 'peak_mib')} |"
         )
+    lines += [f"\nFailed: {f}" for f in failed]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -127,3 +127,41 @@ def test_merged_product_in_bfloat16_keeps_fp32_value_grads():
         x.detach(), train, values.detach(), frozen, frozen_values, (16, 24)
     )
     torch.testing.assert_close(y.double(), ref, rtol=3e-2, atol=3e-2)  # bf16 rounding of x, W + Delta and y
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton value gradient needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("k", [0, 1, 700])
+def test_value_gradient_is_the_sampled_weight_gradient(k):
+    """The value gradient on this machine's path (torch's SDDMM on CPU) equals the dense weight gradient at the
+    support, with an empty support included."""
+    gen = torch.Generator().manual_seed(k)
+    g, x = torch.randn(50, 40, generator=gen), torch.randn(50, 30, generator=gen)
+    train, empty = _support(40 * 30, k, gen), torch.zeros(0, dtype=torch.int32)
+    got = DeltaPattern(train, empty, (40, 30)).value_gradient(g, x, torch.float32)
+    torch.testing.assert_close(got, (g.double().T @ x.double()).flatten()[train.long()].float())
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,k", [((64, 33), (0, 4)), ((64, 33), (1, 1)), ((300, 1000), (3000, 500))])
+def test_cuda_merged_product_matches_dense_reference(dtype, shape, k):
+    """On CUDA (the Triton SDDMM for the value gradient): output and gradients against a float64 reference, on a
+    non-contiguous input, in fp32 and bf16."""
+    x, train, values, frozen, frozen_values = _case(*shape, *k, torch.float32)
+    cuda = torch.device("cuda")
+    weight = torch.randn(shape)
+    wide = torch.randn(3, shape[1], 4).transpose(1, 2)  # [3, 4, in], not contiguous
+    x = wide.to(cuda, dtype).requires_grad_()
+    values = values.detach().to(cuda).requires_grad_()
+    grad_out = torch.randn(3, 4, shape[0])
+    y = _merged(x, values, frozen_values.to(cuda), None, train.to(cuda), frozen.to(cuda), weight.to(cuda, dtype))
+    y.backward(grad_out.to(cuda, dtype))
+    assert y.dtype == dtype and values.grad.dtype == torch.float32
+    x_ref, values_ref = x.detach().double().cpu().requires_grad_(), values.detach().double().cpu().requires_grad_()
+    y_ref = x_ref @ weight.to(dtype).double().T + _reference(x_ref, train, values_ref, frozen, frozen_values, shape)
+    y_ref.backward(grad_out.to(dtype).double())
+    tol = 1e-4 if dtype == torch.float32 else 5e-2  # bf16 rounding of x, W + Delta, y and the output gradient
+    for got, want in ((y, y_ref), (x.grad, x_ref.grad), (values.grad, values_ref.grad)):
+        torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=tol, atol=tol)
