@@ -6,7 +6,8 @@ memory above the loaded model, warm-up (optimizer state) included (CPU: sampled 
 torch.cuda.max_memory_allocated); ratios to QLoRA and to the floor ("none": base forward + backward to the
 inputs, no adapter). `--repeats N` runs every method N times, interleaved, and reports medians. Two "before"
 rows: isolation_csr (training through the base layer plus the CSR product of the delta instead of the merged
-product) and isolation_dense_grad (the value gradient taken from the full weight gradient instead of the SDDMM).
+product) and isolation_dense_grad (the value gradient taken from the full weight gradient instead of the SDDMM;
+on CUDA the layer does that anyway, see bench/value_gradient.py).
 
     python bench/speed.py                       # SmolLM2-135M nf4 on CPU, density 1%, batch 4 x 128
     python bench/speed.py --density 0.001 0.01 0.05 --seq 128
@@ -42,21 +43,24 @@ SHAPES = {  # random Llama shapes for GPU timing (weights do not matter for spee
 
 
 def _load(args):
-    """SmolLM2-135M (CPU or GPU) or a random Llama of a larger shape saved once and loaded like a checkpoint."""
+    """SmolLM2-135M (CPU or GPU), or a random bf16 Llama of a larger shape saved once (no tokenizer: timing needs
+    none) and loaded like a checkpoint."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
     from peft_isolate.models import load_model
 
     if args.shape == "smollm2":
         return load_model("smollm2-135m", quantization=args.quant)[0]
-    import tempfile
-
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     path = Path(tempfile.gettempdir()) / f"peft-isolate-bench-{args.shape}"
     if not path.exists():
-        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init is slow on a CPU
-            model = LlamaForCausalLM(LlamaConfig(**SHAPES[args.shape]))
-        model.to(torch.bfloat16).save_pretrained(path)
-    return load_model(path, quantization=args.quant)[0]
+        with torch.device(device):  # random init of a billion weights is slow on a CPU
+            LlamaForCausalLM(LlamaConfig(**SHAPES[args.shape])).to(torch.bfloat16).save_pretrained(path)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    kwargs = {"quantization_config": quant} if args.quant == "nf4" else {}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map={"": device}, **kwargs)
 
 
 def _linear_sizes(model) -> tuple[int, int]:

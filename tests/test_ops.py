@@ -129,7 +129,7 @@ def test_merged_product_in_bfloat16_keeps_fp32_value_grads():
     torch.testing.assert_close(y.double(), ref, rtol=3e-2, atol=3e-2)  # bf16 rounding of x, W + Delta and y
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton value gradient needs a CUDA GPU")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @pytest.mark.parametrize("k", [0, 1, 700])
@@ -147,8 +147,8 @@ def test_value_gradient_is_the_sampled_weight_gradient(k):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape,k", [((64, 33), (0, 4)), ((64, 33), (1, 1)), ((300, 1000), (3000, 500))])
 def test_cuda_merged_product_matches_dense_reference(dtype, shape, k):
-    """On CUDA (the Triton SDDMM for the value gradient): output and gradients against a float64 reference, on a
-    non-contiguous input, in fp32 and bf16."""
+    """On CUDA (cuBLAS products, the value gradient gathered from the dense one): output and gradients against a
+    float64 reference, on a non-contiguous input, in fp32 and bf16."""
     x, train, values, frozen, frozen_values = _case(*shape, *k, torch.float32)
     cuda = torch.device("cuda")
     weight = torch.randn(shape)
