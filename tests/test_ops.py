@@ -149,11 +149,10 @@ def test_value_gradient_is_the_sampled_weight_gradient(k):
 def test_cuda_merged_product_matches_dense_reference(dtype, shape, k):
     """On CUDA (cuBLAS products, the value gradient gathered from the dense one): output and gradients against a
     float64 reference, on a non-contiguous input, in fp32 and bf16."""
-    x, train, values, frozen, frozen_values = _case(*shape, *k, torch.float32)
+    _, train, values, frozen, frozen_values = _case(*shape, *k, torch.float32)
     cuda = torch.device("cuda")
     weight = torch.randn(shape)
-    wide = torch.randn(3, shape[1], 4).transpose(1, 2)  # [3, 4, in], not contiguous
-    x = wide.to(cuda, dtype).requires_grad_()
+    x = torch.randn(3, shape[1], 4).transpose(1, 2).to(cuda, dtype).requires_grad_()  # [3, 4, in], not contiguous
     values = values.detach().to(cuda).requires_grad_()
     grad_out = torch.randn(3, 4, shape[0])
     y = _merged(x, values, frozen_values.to(cuda), None, train.to(cuda), frozen.to(cuda), weight.to(cuda, dtype))
