@@ -211,10 +211,43 @@ def report(args, size: dict, runs: dict[str, dict[str, dict]], seconds: float) -
         lines += ["", "## Ablations (CPI-FT average)", "", "| change | avg |", "|---|---|"]
         for name, seeds in ablations.items():
             lines.append(f"| cpi_ft:{name} | {_mean_std([r['methods']['cpi_ft']['avg'] for r in seeds])} |")
+    lines += goals(aggregate)
     save_json({"size": size, "runs": runs, "aggregate": aggregate}, RESULTS / "seesaw.json")
     text = "\n".join(lines) + "\n"
     write_atomic(RESULTS / "seesaw.md", lambda p: p.write_text(text))
     return text
+
+
+def goals(aggregate: dict) -> list[str]:
+    """The benchmark's goals checked on the seed means: what was measured and whether it is met."""
+    rows = []
+    methods = aggregate.get("methods", {})
+    cpi = methods.get("cpi_ft")
+    if cpi and "multitask" in methods:
+        target = methods["multitask"]["avg"]
+        rows.append(("CPI-FT average >= multi-task average", cpi["avg"] - target))
+    staged = [methods[m]["avg"] for m in ("multistage_random", "multistage_given") if m in methods]
+    if cpi and staged:
+        rows.append(("CPI-FT average >= best multi-stage average + 5", cpi["avg"] - max(staged) - 0.05))
+    single = methods.get("single_task (probe)")
+    if cpi and single:
+        worst = min(cpi["tasks"][t] - single["tasks"][t] + 0.02 for t in single["tasks"])
+        rows.append(("no task more than 2 points under its single-task score", worst))
+    lines = [f"| {goal} | {100 * margin:+.1f} points | {'yes' if margin >= 0 else 'no'} |" for goal, margin in rows]
+    for pair, drops in aggregate.get("forgetting", {}).items():
+        sequential, isolated = drops["multistage_given"], drops["cpi_ft"]
+        cut = 1 - isolated / sequential if sequential > 0 else float("nan")
+        lines.append(f"| forgetting cut >= 70% ({pair}) | cut {100 * cut:.0f}% | {'yes' if cut >= 0.7 else 'no'} |")
+    if not lines:
+        return []
+    return [
+        "",
+        "## Goals (on the means above; margin in points)",
+        "",
+        "| goal | margin | met |",
+        "|---|---|---|",
+        *lines,
+    ]
 
 
 def main() -> None:
