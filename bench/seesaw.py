@@ -249,9 +249,9 @@ def goals(aggregate: dict) -> list[str]:
         return []
     return [
         "",
-        "## Goals (on the means above; margin in points)",
+        "## Goals (on the seed means above)",
         "",
-        "| goal | margin | met |",
+        "| goal | margin to the goal | met |",
         "|---|---|---|",
         *lines,
     ]
