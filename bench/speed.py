@@ -251,11 +251,10 @@ def write_table(rows: list[dict], failed: list[str], args) -> str:
         "| seq | density | method | trainable | step (s) | x QLoRA | x floor | peak mem (MiB) | mem x QLoRA |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    qlora = {(m["seq"], m["density"]): m for m in rows if m["method"] == "qlora"}
+    floor_of = {m["seq"]: m for m in rows if m["method"] == "none"}  # one per sequence length: it has no density
     for r in rows:
-        lora = next(
-            (m for m in rows if m["seq"] == r["seq"] and m["density"] == r["density"] and m["method"] == "qlora"), None
-        )
-        floor = next((m for m in rows if m["seq"] == r["seq"] and m["method"] == "none"), None)
+        lora, floor = qlora.get((r["seq"], r["density"])), floor_of.get(r["seq"])
         density = "-" if r["method"] == "none" else f"{r['density']:.3%}"
         lines.append(
             f"| {r['seq']} | {density} | {r['method']} | {r['trainable']:,} | {r['time_s']:.3f} | "

@@ -129,9 +129,6 @@ def test_merged_product_in_bfloat16_keeps_fp32_value_grads():
     torch.testing.assert_close(y.double(), ref, rtol=3e-2, atol=3e-2)  # bf16 rounding of x, W + Delta and y
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
 @pytest.mark.parametrize("k", [0, 1, 700])
 def test_value_gradient_is_the_sampled_weight_gradient(k):
     """The value gradient on this machine's path (torch's SDDMM on CPU) equals the dense weight gradient at the
@@ -141,6 +138,9 @@ def test_value_gradient_is_the_sampled_weight_gradient(k):
     train, empty = _support(40 * 30, k, gen), torch.zeros(0, dtype=torch.int32)
     got = DeltaPattern(train, empty, (40, 30)).value_gradient(g, x, torch.float32)
     torch.testing.assert_close(got, (g.double().T @ x.double()).flatten()[train.long()].float())
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @needs_cuda
