@@ -3,15 +3,18 @@
 Every configuration is one recipe run through `peft-isolate`'s own pipeline (same code path, same budget of
 stage optimizer steps for every method), once per seed; this script only builds the recipes and aggregates.
 
-    python bench/seesaw.py --quick               # 3 tasks, 1 seed, small budgets (hours on 2 CPU cores)
-    python bench/seesaw.py --seeds 0 1 2         # the full size (hours on CPU, minutes on a GPU)
-    python bench/seesaw.py --quick --parts main forgetting
+    python bench/seesaw.py --quick                      # `main` at 3 tasks, 1 seed: under 30 min on 2 CPU cores
+    python bench/seesaw.py --size small --seeds 0 1 2   # the README's CPU evidence (45 min a seed for `main`)
+    python bench/seesaw.py --seeds 0 1 2                # the full size (hours on CPU, minutes on a GPU)
+    python bench/seesaw.py --size small --parts main forgetting
 
 Parts: `main` (base, probes = single-task evidence, multi-task, multi-stage random / given, LoRA multi-task,
-CPI-FT adapter mode), `dense` (CPI-FT dense mode, fp32 full fine-tuning), `forgetting` (task A then task B:
+CPI-FT adapter mode), `stages` (main's staged methods scored after every stage: where points are lost),
+`dense` (CPI-FT dense mode, fp32 full fine-tuning), `forgetting` (task A then task B:
 sequential SFT vs CPI-FT with A's core locked, the paper's Table 2), `ablations` (no fusion, no freezing, tau,
-p, sparse probe, cores re-selected between stages; `--ablations NAME...` picks some). Writes
-bench/results/seesaw.md, seesaw.json and seesaw.png.
+p, sparse probe, cores re-selected between stages; `--ablations NAME...` picks some). `--quick` runs `main` only
+unless `--parts` says otherwise. Writes bench/results/seesaw.md and seesaw.json, a section per size, and
+seesaw_<size>.png.
 """
 
 from __future__ import annotations
@@ -39,9 +42,13 @@ WORK = Path(__file__).parent / "_work" / "seesaw"
 TASKS = ["number_sequence", "spell_backward", "calendar_arithmetic", "chain_sum"]
 GIVEN = [["number_sequence", "chain_sum"], ["spell_backward", "calendar_arithmetic"]]  # numbers vs words
 SIZES = {
-    "quick": dict(tasks=3, train=256, eval=48, probe=40, stage=40, seq=96),
+    # `main` in under 30 min on 2 CPU cores: about 390 optimizer steps at 3.3 s plus evaluation
+    "quick": dict(tasks=3, train=256, eval=48, probe=30, stage=20, seq=96),
+    # the CPU evidence in the README: about 720 steps, 43-55 min a seed for `main`
+    "small": dict(tasks=3, train=256, eval=48, probe=40, stage=40, seq=96),
     "full": dict(tasks=4, train=1000, eval=200, probe=200, stage=200, seq=128),
 }
+STAGED = ["multitask", "multistage_random", "multistage_given"]  # the baselines trained on CPI-FT's support
 ABLATIONS = {
     "unchanged": {},  # the reference: CPI-FT as in `main`, by the same code as the ablations beside it
     "no_fusion": {"fusion": {"enabled": False}},
@@ -50,7 +57,8 @@ ABLATIONS = {
     "tau_0.5": {"plan": {"tau": 0.5}},
     "p_0.001": {"regions": {"p": 0.001}},
     "p_0.05": {"regions": {"p": 0.05}},
-    "probe_sparse": {"probe": {"method": "sparse"}},
+    # the staged baselines train the union of the cores, which the probe method changes: they run again beside it
+    "probe_sparse": {"probe": {"method": "sparse"}, "baselines": STAGED},
     "reselect": {"stages": {"reselect": True}},  # later groups' cores found again from the previous stage's model
 }
 
@@ -77,9 +85,15 @@ def recipe(size: dict, tasks: list[str], seed: int, out: Path, model: str, **cha
         "eval": {"max_new_tokens": 16, "batch_size": 16},
         "output_dir": str(out),
     }
+    return Recipe.model_validate(_merge(data, changes))
+
+
+def _merge(data: dict, changes: dict) -> dict:
+    """`data` with each section of `changes` merged into its own (a dict) or put in its place."""
+    merged = dict(data)
     for section, value in changes.items():
-        data[section] = {**data.get(section, {}), **value} if isinstance(value, dict) else value
-    return Recipe.model_validate(data)
+        merged[section] = {**data.get(section, {}), **value} if isinstance(value, dict) else value
+    return merged
 
 
 def runs(args, size: dict) -> dict[str, dict[str, dict]]:
@@ -91,11 +105,14 @@ def runs(args, size: dict) -> dict[str, dict[str, dict]]:
     for seed in args.seeds:
         base = WORK / args.size / f"seed{seed}"
         configs: dict[str, Recipe] = {}
+        main = {"plan": {"seed": seed, "groups": given}}  # the hand-given grouping of multistage_given
         if "main" in args.parts:
-            baselines = ["multitask", "multistage_random", "multistage_given", "lora_multitask"]
-            configs["main"] = recipe(
-                size, tasks, seed, base / "main", args.model, baselines=baselines, plan={"seed": seed, "groups": given}
-            )
+            baselines = [*STAGED, "lora_multitask"]
+            configs["main"] = recipe(size, tasks, seed, base / "main", args.model, baselines=baselines, **main)
+        if "stages" in args.parts:  # main's staged methods scored after every stage: trains nothing new
+            _start_from_main(base, base / "stages")
+            by_stage = _merge(main, {"baselines": STAGED, "eval": {"stages": True}})
+            configs["stages"] = recipe(size, tasks, seed, base / "stages", args.model, **by_stage)
         if "dense" in args.parts:
             configs["dense"] = recipe(
                 size, tasks, seed, base / "dense", args.model, mode="dense", quantization="none", **DENSE_LR
@@ -116,25 +133,30 @@ def runs(args, size: dict) -> dict[str, dict[str, dict]]:
         if "ablations" in args.parts:
             for name in args.ablations:
                 out_dir = base / f"ablation-{name}"
-                if not out_dir.exists() and (base / "main" / "state.json").exists():
-                    # start from the seed's main run: the pipeline keeps what its recipe hashes say is the same
-                    # (probes, their scores, often cores and plan) and redoes the rest
-                    shutil.copytree(base / "main", out_dir)
-                configs[f"ablation/{name}"] = recipe(size, tasks, seed, out_dir, args.model, **ABLATIONS[name])
+                _start_from_main(base, out_dir)
+                changes = _merge(main, ABLATIONS[name])
+                configs[f"ablation/{name}"] = recipe(size, tasks, seed, out_dir, args.model, **changes)
         for name, config in configs.items():
             print(f"== seed {seed}: {name}", flush=True)
             out.setdefault(name, {})[str(seed)] = run_pipeline(config)
     return out
 
 
-def merged(size: dict, out: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict]]:
+def _start_from_main(base: Path, out_dir: Path) -> None:
+    """A new run directory starts as a copy of the seed's main run: the pipeline keeps what its recipe hashes say
+    is the same (probes, their scores, often cores and plan) and redoes the rest."""
+    if not out_dir.exists() and (base / "main" / "state.json").exists():
+        shutil.copytree(base / "main", out_dir)
+
+
+def merged(saved: dict, name: str, size: dict, out: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict]]:
     """This invocation's runs on top of those already in seesaw.json for the same size, so the parts and seeds
     can be run one invocation at a time and the report shows them all."""
-    saved = json.loads((RESULTS / "seesaw.json").read_text()) if (RESULTS / "seesaw.json").exists() else {}
-    runs = saved.get("runs", {}) if saved.get("size") == size else {}
-    runs = {name: dict(seeds) for name, seeds in runs.items() if isinstance(seeds, dict)}
-    for name, seeds in out.items():
-        runs.setdefault(name, {}).update(seeds)
+    entry = saved["sizes"].get(name, {})
+    runs = entry.get("runs", {}) if entry.get("size") == size else {}
+    runs = {config: dict(seeds) for config, seeds in runs.items()}
+    for config, seeds in out.items():
+        runs.setdefault(config, {}).update(seeds)
     return runs
 
 
@@ -161,45 +183,34 @@ def main_table(seeds: list[dict], rename: dict[str, str] | None = None) -> tuple
     return tasks, table
 
 
-def report(args, size: dict, runs: dict[str, dict[str, dict]], seconds: float) -> str:
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (2 cores)"
-    seeds_of = {name: sorted(seeds, key=int) for name, seeds in runs.items()}
+def report(name: str, entry: dict) -> tuple[list[str], dict]:
+    """One size's section of seesaw.md from its runs, and the aggregate (seed means) the goals are checked on."""
+    runs = entry["runs"]
+    seeds_of = {config: sorted(seeds, key=int) for config, seeds in runs.items()}
     lines = [
-        "# Seesaw benchmark",
+        f"## Size {name}",
         "",
-        f"Last command: `python bench/seesaw.py {' '.join(sys.argv[1:])}` ({seconds / 60:.0f} min; the tables also "
-        f"hold the earlier runs of this size in seesaw.json); size {args.size} ({size}), device {device}, "
-        f"{time.strftime('%Y-%m-%d')}. Seeds per configuration: "
-        + ", ".join(f"{name} {seeds}" for name, seeds in seeds_of.items())
+        f"Last command: `{entry['command']}` ({entry['minutes']:.0f} min; the tables also hold the earlier runs of "
+        f"this size), {entry['size']}, device {entry['device']}, {entry['date']}. Seeds per configuration: "
+        + ", ".join(f"{config} {seeds}" for config, seeds in seeds_of.items())
         + ". Scores in points (generator's scorer x 100; exact match in brackets), mean ± std over seeds.",
         "",
     ]
-    out = {name: [seeds[k] for k in seeds_of[name]] for name, seeds in runs.items()}
+    out = {config: [seeds[k] for k in seeds_of[config]] for config, seeds in runs.items()}
     aggregate = {}
     if "main" in out or "dense" in out:
         seeds = out.get("main", []) + [
             {**r, "methods": {"cpi_ft_dense": r["methods"]["cpi_ft"]}} for r in out.get("dense", [])
         ]
-        tasks, table = main_table(seeds, {"probe": "single_task (probe)"})
-        majority = out.get("main", out.get("dense"))[0]["majority"]
-        lines += ["## Methods", "", "| method | " + " | ".join(tasks) + " | avg |", "|---" * (len(tasks) + 2) + "|"]
-        lines.append("| majority answer | " + " | ".join(f"{100 * majority[t]:.1f}" for t in tasks) + " | |")
-        for method, row in table.items():
-            cells = [
-                f"{_mean_std(row['tasks'][t])} ({_mean_std(row['exact'][t])})" if t in row["tasks"] else "-"
-                for t in tasks
-            ]
-            lines.append(f"| {method} | " + " | ".join(cells) + f" | {_mean_std(row['avg'])} |")
-        aggregate["methods"] = {
-            m: {"tasks": {t: statistics.mean(v) for t, v in row["tasks"].items()}, "avg": statistics.mean(row["avg"])}
-            for m, row in table.items()
-        }
-        plot_scores({"methods": aggregate["methods"], "majority": majority}, RESULTS / "seesaw.png")
+        section, aggregate["methods"] = methods_section("### Methods", seeds)
+        lines += section
+        majority = seeds[0]["majority"]
+        plot_scores({"methods": aggregate["methods"], "majority": majority}, RESULTS / f"seesaw_{name}.png")
     forgetting = {k.split("/", 1)[1]: v for k, v in out.items() if k.startswith("forgetting/")}
     if forgetting:
         lines += [
             "",
-            "## Forgetting: the drop of A after training B (points; lower is better)",
+            "### Forgetting: the drop of A after training B (points; lower is better)",
             "",
             "| A > B | sequential SFT | CPI-FT (A's core locked) |",
             "|---|---|---|",
@@ -213,16 +224,60 @@ def report(args, size: dict, runs: dict[str, dict[str, dict]], seconds: float) -
             }
             aggregate["forgetting"][pair] = {m: statistics.mean(d) for m, d in drops.items()}
             lines.append(f"| {pair} | {_mean_std(drops['multistage_given'])} | {_mean_std(drops['cpi_ft'])} |")
+    for change in ABLATIONS:  # an ablation that trains its own baselines gets its own table and goals
+        seeds = out.get(f"ablation/{change}", [])
+        if seeds and set(STAGED) <= set(seeds[0]["methods"]):
+            section, methods = methods_section(f"### Methods with `{change}` (baselines on its support)", seeds)
+            lines += ["", *section, *goals({"methods": methods})]
+    if "stages" in out:
+        lines += since_best_stage(out["stages"])
     ablations = {k.split("/", 1)[1]: v for k, v in out.items() if k.startswith("ablation/")}
     if ablations:
-        lines += ["", "## Ablations (CPI-FT average)", "", "| change | avg |", "|---|---|"]
-        for name, seeds in ablations.items():
-            lines.append(f"| cpi_ft:{name} | {_mean_std([r['methods']['cpi_ft']['avg'] for r in seeds])} |")
-    lines += goals(aggregate)
-    save_json({"size": size, "runs": runs, "aggregate": aggregate}, RESULTS / "seesaw.json")
-    text = "\n".join(lines) + "\n"
-    write_atomic(RESULTS / "seesaw.md", lambda p: p.write_text(text))
-    return text
+        lines += ["", "### Ablations (CPI-FT average)", "", "| change | avg |", "|---|---|"]
+        for change, seeds in ablations.items():
+            lines.append(f"| cpi_ft:{change} | {_mean_std([r['methods']['cpi_ft']['avg'] for r in seeds])} |")
+    return lines + goals(aggregate), aggregate
+
+
+def methods_section(title: str, seeds: list[dict]) -> tuple[list[str], dict]:
+    """A methods x tasks table (mean ± std over seeds, exact match in brackets) and the seed means."""
+    tasks, table = main_table(seeds, {"probe": "single_task (probe)"})
+    majority = seeds[0]["majority"]
+    lines = [title, "", "| method | " + " | ".join(tasks) + " | avg |", "|---" * (len(tasks) + 2) + "|"]
+    lines.append("| majority answer | " + " | ".join(f"{100 * majority[t]:.1f}" for t in tasks) + " | |")
+    for method, row in table.items():
+        cells = [
+            f"{_mean_std(row['tasks'][t])} ({_mean_std(row['exact'][t])})" if t in row["tasks"] else "-" for t in tasks
+        ]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {_mean_std(row['avg'])} |")
+    means = {
+        m: {"tasks": {t: statistics.mean(v) for t, v in row["tasks"].items()}, "avg": statistics.mean(row["avg"])}
+        for m, row in table.items()
+    }
+    return lines, means
+
+
+def since_best_stage(seeds: list[dict]) -> list[str]:
+    """Per staged method and task, the points lost between the task's best stage and the end (mean over seeds):
+    how much of what a stage taught, later stages took away."""
+    staged = sorted({m.split("@")[0] for m in seeds[0]["methods"] if "@" in m})
+    tasks = list(seeds[0]["majority"])
+    lines = [
+        "",
+        "### Lost since the task's best stage (points; part `stages`)",
+        "",
+        "| method | " + " | ".join(tasks) + " | avg |",
+        "|---" * (len(tasks) + 2) + "|",
+    ]
+    for method in staged:
+        drops = {t: [] for t in tasks}
+        for results in seeds:
+            stages = [e for m, e in results["methods"].items() if m.split("@")[0] == method]
+            for t in tasks:
+                drops[t].append(max(e["tasks"][t] for e in stages) - results["methods"][method]["tasks"][t])
+        avg = [statistics.mean(d) for d in zip(*drops.values(), strict=True)]
+        lines.append(f"| {method} | " + " | ".join(_mean_std(drops[t]) for t in tasks) + f" | {_mean_std(avg)} |")
+    return lines
 
 
 def goals(aggregate: dict) -> list[str]:
@@ -248,7 +303,7 @@ def goals(aggregate: dict) -> list[str]:
         return []
     return [
         "",
-        "## Goals (on the seed means above)",
+        "### Goals (on the seed means above)",
         "",
         "| goal | margin to the goal | met |",
         "|---|---|---|",
@@ -256,16 +311,25 @@ def goals(aggregate: dict) -> list[str]:
     ]
 
 
+def write_results(saved: dict) -> str:
+    """seesaw.md (a section per size, smallest first) and seesaw.json from every size's runs."""
+    lines = ["# Seesaw benchmark", ""]
+    for name in sorted(saved["sizes"], key=list(SIZES).index):
+        section, saved["sizes"][name]["aggregate"] = report(name, saved["sizes"][name])
+        lines += [*section, ""]
+    save_json(saved, RESULTS / "seesaw.json")
+    text = "\n".join(lines)
+    write_atomic(RESULTS / "seesaw.md", lambda p: p.write_text(text))
+    return text
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_const", const="quick", dest="size", default="full")
+    p.add_argument("--size", choices=list(SIZES), default="full")
+    p.add_argument("--quick", action="store_const", const="quick", dest="size", help="same as --size quick")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
-    p.add_argument(
-        "--parts",
-        nargs="+",
-        default=["main", "dense", "forgetting", "ablations"],
-        choices=["main", "dense", "forgetting", "ablations"],
-    )
+    parts = ["main", "stages", "dense", "forgetting", "ablations"]
+    p.add_argument("--parts", nargs="+", default=None, choices=parts, help="default: main with --quick, else all")
     p.add_argument("--ablations", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS), metavar="NAME")
     p.add_argument("--model", default="smollm2-135m", help="model alias or directory")
     p.add_argument(
@@ -276,12 +340,24 @@ def main() -> None:
         help="forgetting pairs (default: every ordered pair of the first three tasks)",
     )
     args = p.parse_args()
-    args.seeds = args.seeds or ([0] if args.size == "quick" else [0, 1, 2])
+    args.seeds = args.seeds or ([0, 1, 2] if args.size == "full" else [0])
+    args.parts = args.parts or (["main"] if args.size == "quick" else parts)
     size = SIZES[args.size]
     start = time.time()
-    print(report(args, size, merged(size, runs(args, size)), time.time() - start))
-    written = [str(RESULTS / f) for f in ("seesaw.md", "seesaw.json", "seesaw.png") if (RESULTS / f).exists()]
-    print(json.dumps({"written": written}))
+    out = runs(args, size)
+    path = RESULTS / "seesaw.json"
+    saved = json.loads(path.read_text()) if path.exists() else {"sizes": {}}
+    saved["sizes"][args.size] = {
+        "size": size,
+        "runs": merged(saved, args.size, size, out),
+        "command": f"python bench/seesaw.py {' '.join(sys.argv[1:])}",
+        "minutes": (time.time() - start) / 60,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (2 cores)",
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    print(write_results(saved))
+    written = [str(RESULTS / f) for f in ("seesaw.md", "seesaw.json", f"seesaw_{args.size}.png")]
+    print(json.dumps({"written": [f for f in written if Path(f).exists()]}))
 
 
 if __name__ == "__main__":
