@@ -59,6 +59,9 @@ ABLATIONS = {
     "p_0.05": {"regions": {"p": 0.05}},
     # the staged baselines train the union of the cores, which the probe method changes: they run again beside it
     "probe_sparse": {"probe": {"method": "sparse"}, "baselines": STAGED},
+    # sparse probes share one random support, so their cores overlap at its chance level (0.11 for 1% of 5%),
+    # which links every task at tau 0.1: tau 0.2 stages them again
+    "probe_sparse_tau_0.2": {"probe": {"method": "sparse"}, "plan": {"tau": 0.2}, "baselines": STAGED},
     "reselect": {"stages": {"reselect": True}},  # later groups' cores found again from the previous stage's model
 }
 

@@ -272,7 +272,9 @@ def run_plan(run: Run, cores: dict[str, CoreRegions]) -> StagePlan:
 
     def work():
         given = r.plan.groups if r.plan.order == "given" else None
-        plan = plan_stages(cores, r.plan.tau, r.plan.order, r.plan.seed, r.plan.freeze, groups=given)
+        # sparse probes all train one seeded support, so their cores can only lie there
+        universe = delta_source(run, run.out / "probes" / next(iter(cores))).support_size
+        plan = plan_stages(cores, r.plan.tau, r.plan.order, r.plan.seed, r.plan.freeze, given, universe)
         draw_overlap(plan, run.out / "overlap.png")
         plan.save(path)
 

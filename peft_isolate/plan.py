@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import reduce
@@ -129,6 +130,7 @@ def plan_stages(
     seed: int = 0,
     freeze: str = "previous",
     groups: Sequence[Sequence[str]] | None = None,
+    universe: int | None = None,
 ) -> StagePlan:
     """Group tasks by core overlap and order the groups into stages with their frozen sets.
 
@@ -136,6 +138,8 @@ def plan_stages(
     nothing (the no-freezing ablation).
     `groups` (task names, in stage order) replaces the Jaccard grouping and the ordering: a hand-made plan,
     e.g. task A then task B for a forgetting experiment. The overlap is still computed and reported.
+    `universe`: the entries the cores could lie at, when fewer than all (sparse probes share one support), for
+    the chance level; a tau at or under it links tasks by chance, which is warned about.
     """
     if freeze not in FREEZES:
         raise ValueError(f"freeze={freeze!r} is not one of {FREEZES}")
@@ -145,6 +149,15 @@ def plan_stages(
         raise ValueError("plan_stages needs at least one task's core regions")
     tasks = list(cores)
     jac = overlap_matrix(cores)
+    chance = chance_matrix(cores, universe)
+    by_chance = max((float(chance[i, j]) for i in range(len(tasks)) for j in range(i)), default=0.0)
+    if groups is None and 0 < tau <= by_chance:
+        warnings.warn(
+            f"tau={tau:g} is at or under the overlap random cores of these sizes reach by chance ({by_chance:.3f}"
+            f"{f' within {universe} entries' if universe else ''}), so tasks link by chance, not by their cores; "
+            "set tau above it (or use lora probes, whose updates are not confined to one shared support)",
+            stacklevel=2,
+        )
 
     def union(ts: Sequence[str]) -> CoreRegions:
         return reduce(CoreRegions.union, [cores[t] for t in ts])
@@ -167,7 +180,7 @@ def plan_stages(
     return StagePlan(
         tasks=tasks,
         jaccard=jac.tolist(),
-        chance=chance_matrix(cores).tolist(),
+        chance=chance.tolist(),
         core_sizes={t: c.size for t, c in cores.items()},
         tau=float(tau),
         order=order,

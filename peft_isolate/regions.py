@@ -256,14 +256,16 @@ def overlap_matrix(regions: Mapping[str, CoreRegions]) -> torch.Tensor:
     return m
 
 
-def chance_matrix(regions: Mapping[str, CoreRegions]) -> torch.Tensor:
-    """Expected Jaccard of random sets with each pair's sizes over the union of their universes."""
+def chance_matrix(regions: Mapping[str, CoreRegions], universe: int | None = None) -> torch.Tensor:
+    """Expected Jaccard of random sets with each pair's sizes over the entries they could lie at: `universe`
+    when the cores come from updates confined to one shared support (sparse probes), else every entry of the
+    union of their shapes."""
     tasks = list(regions)
     m = torch.zeros(len(tasks), len(tasks), dtype=torch.float64)
     for i, a in enumerate(tasks):
         for j in range(i, len(tasks)):
             b = tasks[j]
-            total = sum(math.prod(s) for s in {**regions[a].shapes, **regions[b].shapes}.values())
+            total = universe or sum(math.prod(s) for s in {**regions[a].shapes, **regions[b].shapes}.values())
             m[i, j] = m[j, i] = expected_jaccard(regions[a].size, regions[b].size, total)
     return m
 
@@ -286,6 +288,11 @@ class DeltaSource(ABC):
         self, names: Sequence[str], chunk_size: int = DEFAULT_CHUNK
     ) -> Iterator[tuple[str, int, torch.Tensor]]:
         """Yield (name, flat start, fp32 delta chunk on CPU, owned by the caller) for `names` in order."""
+
+    @property
+    def support_size(self) -> int | None:
+        """How many entries the update can be non-zero at: a sparse adapter's support; None when it is dense."""
+        return None
 
     def delta(self, name: str) -> torch.Tensor:
         """The whole fp32 delta of one parameter, in its shape."""
@@ -631,6 +638,10 @@ class IsolationDelta(DeltaSource):
             )
         self._shapes = {n: shapes[n] for n in self.entries}
         self.description = f"isolation adapter={adapter}"
+
+    @property
+    def support_size(self) -> int:
+        return sum(idx.numel() for idx, _ in self.entries.values())
 
     def iter_deltas(
         self, names: Sequence[str], chunk_size: int = DEFAULT_CHUNK

@@ -136,6 +136,23 @@ def test_reselect_finds_later_cores_from_the_previous_stage(recipe_file, tiny_di
     assert (out / "state.json").read_text() == state
 
 
+def test_sparse_probes_share_one_support_and_the_plan_takes_chance_within_it(recipe_file):
+    from safetensors.torch import load_file
+
+    from peft_isolate.regions import expected_jaccard
+
+    recipe = load_recipe(recipe_file, ["probe={method: sparse, density: 0.2, steps: 4, lr: 0.01}"])
+    run_pipeline(recipe, until="plan")
+    out = Path(recipe.output_dir)
+    supports = [load_file(out / "probes" / t / "adapter_model.safetensors") for t in ("upper", "count")]
+    assert supports[0].keys() == supports[1].keys()
+    assert all(torch.equal(supports[0][k], supports[1][k]) for k in supports[0] if k.endswith("_indices"))
+    universe = sum(t.numel() for k, t in supports[0].items() if k.endswith("_indices"))
+    plan = json.loads((out / "plan.json").read_text())
+    sizes = plan["core_sizes"]
+    assert plan["chance"][0][1] == pytest.approx(expected_jaccard(sizes["upper"], sizes["count"], universe))
+
+
 def test_recipe_errors_name_the_problem(tmp_path, recipe_file):
     data = yaml.safe_load(recipe_file.read_text())
     bad = tmp_path / "bad.yaml"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 from peft_isolate.cli import main
 from peft_isolate.plan import StagePlan, connected_groups, order_groups, plan_stages
-from peft_isolate.regions import CoreRegions
+from peft_isolate.regions import CoreRegions, expected_jaccard
 
 # A-B overlap 0.6, B-C 0.2, A-C 0.05, D alone
 OVERLAP = [
@@ -78,6 +80,19 @@ def test_plan_stages_groups_orders_and_frozen_sets(cores):
     assert len(plan_stages(cores, tau=1.1).stages) == 4
     with pytest.raises(ValueError, match="freeze"):
         plan_stages(cores, freeze="nothing")
+
+
+def test_plan_stages_chance_within_a_shared_support_and_the_tau_it_makes_meaningless(cores):
+    # the same cores, as if found within one 20-entry probe support: 10 and 10 of 20 overlap by chance at ~0.35
+    with pytest.warns(UserWarning, match=r"tau=0.3 is at or under .*\(0.3\d\d within 20 entries\).*set tau above"):
+        plan = plan_stages(cores, tau=0.3, universe=20)
+    assert plan.chance[0][1] == pytest.approx(expected_jaccard(10, 10, 20))
+    assert plan.chance[2][3] == pytest.approx(expected_jaccard(6, 3, 20))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plan_stages(cores, tau=0.5, universe=20).groups  # above the chance level
+        plan_stages(cores, tau=0.3, universe=20, groups=[["math", "code", "chat", "logic"]])  # no grouping made
+        plan_stages(cores, tau=0.1)  # chance over all 100 entries is ~0.05
 
 
 def test_plan_json_round_trip(cores, tmp_path):

@@ -188,6 +188,7 @@ def test_isolation_adapter_delta_from_a_hand_built_file(pair, tmp_path):
     save_file(parts, str(tmp_path / "iso" / "adapter_model.safetensors"))
     source = IsolationDelta(tmp_path / "iso", base=base_dir)
     assert set(source.shapes()) == set(expected)
+    assert source.support_size == 120  # trainable and frozen entries of both modules
     for name, dense in expected.items():
         assert torch.equal(source.delta(name), dense)
     zeros = {n: torch.zeros_like(d) for n, d in expected.items()}
