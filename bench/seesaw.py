@@ -42,7 +42,7 @@ WORK = Path(__file__).parent / "_work" / "seesaw"
 TASKS = ["number_sequence", "spell_backward", "calendar_arithmetic", "chain_sum"]
 GIVEN = [["number_sequence", "chain_sum"], ["spell_backward", "calendar_arithmetic"]]  # numbers vs words
 SIZES = {
-    # `main` in under 30 min on 2 CPU cores: about 390 optimizer steps at 3.3 s plus evaluation
+    # `main` in under 30 min on 2 CPU cores (27 measured): about 390 optimizer steps at 3.3 s plus evaluation
     "quick": dict(tasks=3, train=256, eval=48, probe=30, stage=20, seq=96),
     # the CPU evidence in the README: about 720 steps, 43-55 min a seed for `main`
     "small": dict(tasks=3, train=256, eval=48, probe=40, stage=40, seq=96),
