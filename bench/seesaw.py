@@ -9,8 +9,7 @@ stage optimizer steps for every method), once per seed; this script only builds 
     python bench/seesaw.py --size small --parts main forgetting
 
 Parts: `main` (base, probes = single-task evidence, multi-task, multi-stage random / given, LoRA multi-task,
-CPI-FT adapter mode), `stages` (main's staged methods scored after every stage: where points are lost),
-`dense` (CPI-FT dense mode, fp32 full fine-tuning), `forgetting` (task A then task B:
+CPI-FT adapter mode), `dense` (CPI-FT dense mode, fp32 full fine-tuning), `forgetting` (task A then task B:
 sequential SFT vs CPI-FT with A's core locked, the paper's Table 2), `ablations` (no fusion, no freezing, tau,
 p, sparse probe, cores re-selected between stages; `--ablations NAME...` picks some). `--quick` runs `main` only
 unless `--parts` says otherwise. Writes bench/results/seesaw.md and seesaw.json, a section per size, and
@@ -112,10 +111,6 @@ def runs(args, size: dict) -> dict[str, dict[str, dict]]:
         if "main" in args.parts:
             baselines = [*STAGED, "lora_multitask"]
             configs["main"] = recipe(size, tasks, seed, base / "main", args.model, baselines=baselines, **main)
-        if "stages" in args.parts:  # main's staged methods scored after every stage: trains nothing new
-            _start_from_main(base, base / "stages")
-            by_stage = _merge(main, {"baselines": STAGED, "eval": {"stages": True}})
-            configs["stages"] = recipe(size, tasks, seed, base / "stages", args.model, **by_stage)
         if "dense" in args.parts:
             configs["dense"] = recipe(
                 size, tasks, seed, base / "dense", args.model, mode="dense", quantization="none", **DENSE_LR
@@ -232,8 +227,6 @@ def report(name: str, entry: dict) -> tuple[list[str], dict]:
         if seeds and set(STAGED) <= set(seeds[0]["methods"]):
             section, methods = methods_section(f"### Methods with `{change}` (baselines on its support)", seeds)
             lines += ["", *section, *goals({"methods": methods})]
-    if "stages" in out:
-        lines += since_best_stage(out["stages"])
     ablations = {k.split("/", 1)[1]: v for k, v in out.items() if k.startswith("ablation/")}
     if ablations:
         lines += ["", "### Ablations (CPI-FT average)", "", "| change | avg |", "|---|---|"]
@@ -258,29 +251,6 @@ def methods_section(title: str, seeds: list[dict]) -> tuple[list[str], dict]:
         for m, row in table.items()
     }
     return lines, means
-
-
-def since_best_stage(seeds: list[dict]) -> list[str]:
-    """Per staged method and task, the points lost between the task's best stage and the end (mean over seeds):
-    how much of what a stage taught, later stages took away."""
-    staged = sorted({m.split("@")[0] for m in seeds[0]["methods"] if "@" in m})
-    tasks = list(seeds[0]["majority"])
-    lines = [
-        "",
-        "### Lost since the task's best stage (points; part `stages`)",
-        "",
-        "| method | " + " | ".join(tasks) + " | avg |",
-        "|---" * (len(tasks) + 2) + "|",
-    ]
-    for method in staged:
-        drops = {t: [] for t in tasks}
-        for results in seeds:
-            stages = [e for m, e in results["methods"].items() if m.split("@")[0] == method]
-            for t in tasks:
-                drops[t].append(max(e["tasks"][t] for e in stages) - results["methods"][method]["tasks"][t])
-        avg = [statistics.mean(d) for d in zip(*drops.values(), strict=True)]
-        lines.append(f"| {method} | " + " | ".join(_mean_std(drops[t]) for t in tasks) + f" | {_mean_std(avg)} |")
-    return lines
 
 
 def goals(aggregate: dict) -> list[str]:
@@ -331,7 +301,7 @@ def main() -> None:
     p.add_argument("--size", choices=list(SIZES), default="full")
     p.add_argument("--quick", action="store_const", const="quick", dest="size", help="same as --size quick")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
-    parts = ["main", "stages", "dense", "forgetting", "ablations"]
+    parts = ["main", "dense", "forgetting", "ablations"]
     p.add_argument("--parts", nargs="+", default=None, choices=parts, help="default: main with --quick, else all")
     p.add_argument("--ablations", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS), metavar="NAME")
     p.add_argument("--model", default="smollm2-135m", help="model alias or directory")
