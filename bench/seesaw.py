@@ -55,8 +55,8 @@ ABLATIONS = {
     "tau_0": {"plan": {"tau": 0.0}},
     "tau_0.5": {"plan": {"tau": 0.5}},
     "p_0.001": {"regions": {"p": 0.001}},
-    # the staged baselines train the union of the cores, which p and the probe method change: beside the variants
-    # that might win they run again on its support
+    # the staged baselines train the union of the cores, which p and the probe method change: beside these
+    # variants the baselines run again, on the variant's own cores
     "p_0.05": {"regions": {"p": 0.05}, "baselines": STAGED},
     "probe_sparse": {"probe": {"method": "sparse"}, "baselines": STAGED},
     # sparse probes share one random support, so their cores overlap at its chance level (0.11 for 1% of 5%),
