@@ -11,9 +11,9 @@ stage optimizer steps for every method), once per seed; this script only builds 
 Parts: `main` (base, probes = single-task evidence, multi-task, multi-stage random / given, LoRA multi-task,
 CPI-FT adapter mode), `dense` (CPI-FT dense mode, fp32 full fine-tuning), `forgetting` (task A then task B:
 sequential SFT vs CPI-FT with A's core locked, the paper's Table 2), `ablations` (no fusion, no freezing, tau,
-p, sparse probe, cores re-selected between stages; `--ablations NAME...` picks some). `--quick` runs `main` only
-unless `--parts` says otherwise. Writes bench/results/seesaw.md and seesaw.json, a section per size, and
-seesaw_<size>.png.
+p, sparse probe, cores re-selected between stages, freeze all in dense mode; `--ablations NAME...` picks some).
+`--quick` runs `main` only unless `--parts` says otherwise. Writes bench/results/seesaw.md and seesaw.json, a
+section per size, and seesaw_<size>.png.
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ SIZES = {
     "full": dict(tasks=4, train=1000, eval=200, probe=200, stage=200, seq=128),
 }
 STAGED = ["multitask", "multistage_random", "multistage_given"]  # the baselines trained on CPI-FT's support
+# dense mode trains the whole model (probes and stages are full fine-tunes but for the frozen cores), so it takes
+# a full fine-tuning learning rate; the adapter's lr of 1e-3-3e-3 on all weights wrecked the model (2.6 points)
+DENSE = {"mode": "dense", "quantization": "none", "probe": {"lr": 5e-5}, "stages": {"lr": 5e-5}}
 ABLATIONS = {
     "unchanged": {},  # the reference: CPI-FT as in `main`, by the same code as the ablations beside it
     "no_fusion": {"fusion": {"enabled": False}},
@@ -63,12 +66,10 @@ ABLATIONS = {
     # which links every task at tau 0.1: tau 0.2 stages them again
     "probe_sparse_tau_0.2": {"probe": {"method": "sparse"}, "plan": {"tau": 0.2}, "baselines": STAGED},
     "reselect": {"stages": {"reselect": True}},  # later groups' cores found again from the previous stage's model
+    # every stage also locks the later groups' cores (dense mode only: adapter mode rejects it); varies `dense`,
+    # so without the hand-given groups `main` adds for its multistage_given baseline
+    "dense_freeze_all": {**DENSE, "plan": {"freeze": "all", "groups": None}},
 }
-
-
-# dense mode trains the whole model (probes and stages are full fine-tunes but for the frozen cores), so it takes
-# a full fine-tuning learning rate; the adapter's lr of 1e-3-3e-3 on all weights wrecked the model (2.6 points)
-DENSE_LR = {"probe": {"lr": 5e-5}, "stages": {"lr": 5e-5}}
 
 
 def recipe(size: dict, tasks: list[str], seed: int, out: Path, model: str, **changes) -> Recipe:
@@ -113,9 +114,7 @@ def runs(args, size: dict) -> dict[str, dict[str, dict]]:
             baselines = [*STAGED, "lora_multitask"]
             configs["main"] = recipe(size, tasks, seed, base / "main", args.model, baselines=baselines, **main)
         if "dense" in args.parts:
-            configs["dense"] = recipe(
-                size, tasks, seed, base / "dense", args.model, mode="dense", quantization="none", **DENSE_LR
-            )
+            configs["dense"] = recipe(size, tasks, seed, base / "dense", args.model, **DENSE)
         if "forgetting" in args.parts:
             for a, b in args.pairs or itertools.permutations(tasks[:3], 2):
                 configs[f"forgetting/{a}>{b}"] = recipe(
@@ -132,7 +131,7 @@ def runs(args, size: dict) -> dict[str, dict[str, dict]]:
         if "ablations" in args.parts:
             for name in args.ablations:
                 out_dir = base / f"ablation-{name}"
-                _start_from_main(base, out_dir)
+                _start_from(base / ("dense" if ABLATIONS[name].get("mode") == "dense" else "main"), out_dir)
                 changes = _merge(main, ABLATIONS[name])
                 configs[f"ablation/{name}"] = recipe(size, tasks, seed, out_dir, args.model, **changes)
         for name, config in configs.items():
@@ -141,11 +140,11 @@ def runs(args, size: dict) -> dict[str, dict[str, dict]]:
     return out
 
 
-def _start_from_main(base: Path, out_dir: Path) -> None:
-    """A new run directory starts as a copy of the seed's main run: the pipeline keeps what its recipe hashes say
-    is the same (probes, their scores, often cores and plan) and redoes the rest."""
-    if not out_dir.exists() and (base / "main" / "state.json").exists():
-        shutil.copytree(base / "main", out_dir)
+def _start_from(run: Path, out_dir: Path) -> None:
+    """A new run directory starts as a copy of the seed's run it varies (`main`, or `dense`): the pipeline keeps
+    what its recipe hashes say is the same (probes, their scores, often cores and plan) and redoes the rest."""
+    if not out_dir.exists() and (run / "state.json").exists():
+        shutil.copytree(run, out_dir)
 
 
 def merged(saved: dict, name: str, size: dict, out: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict]]:
