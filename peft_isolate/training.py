@@ -7,6 +7,7 @@ bit-identical under AdamW with weight decay) and resuming only from checkpoints 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -52,8 +53,11 @@ class TrainSettings:
 class FreezeEntries(TrainerCallback):
     """Keeps the entries `frozen[name]` (flat positions) of dense parameters bit-identical during training.
 
-    Under FSDP2 a parameter is a DTensor sharded on dim 0 and each process holds a block of its rows; each
-    process then masks and restores the frozen entries that fall in its own rows."""
+    Their gradients are zeroed as soon as backward accumulates them, so gradient clipping, which the Trainer runs
+    before any callback, sees only the trainable entries, as in adapter mode. Under FSDP2 a parameter is a DTensor
+    sharded on dim 0 and each process holds a block of its rows; each process then masks and restores the frozen
+    entries that fall in its own rows before the optimizer step (FSDP2 sets sharded gradients after backward's
+    hooks, so there clipping still counts them)."""
 
     def __init__(self, model: nn.Module, frozen: Mapping[str, torch.Tensor]):
         params = dict(model.named_parameters())
@@ -64,6 +68,8 @@ class FreezeEntries(TrainerCallback):
         self.frozen = {n: idx.long().to(params[n].device) for n, idx in frozen.items() if idx.numel()}
         self.saved = {n: params[n].detach().flatten()[idx].clone() for n, idx in self.frozen.items()}
         self._entries: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] | None = None
+        for n, idx in self.frozen.items():
+            params[n].register_post_accumulate_grad_hook(functools.partial(_zero_grad_at, idx=idx))
 
     def entries(self) -> list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]]:
         """(parameter, flat positions in this process's part of it, saved values), resolved after the Trainer
@@ -82,6 +88,10 @@ class FreezeEntries(TrainerCallback):
         with torch.no_grad():
             for param, idx, saved in self.entries():
                 _local(param).view(-1)[idx] = saved
+
+
+def _zero_grad_at(param: torch.Tensor, idx: torch.Tensor) -> None:
+    param.grad.view(-1)[idx] = 0
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
