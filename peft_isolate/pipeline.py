@@ -198,7 +198,7 @@ def _train_single_adapter(
         elif method == "sparse":
             sparse = IsolationConfig(target_modules=r.target_modules, density=r.probe.density, seed=r.training.seed)
             model = get_peft_model(model, sparse)
-        train(model, tokenizer, run.examples(tasks, steps), run.settings(steps, lr), f"{out}.work")
+        train(model, tokenizer, run.examples(tasks, steps), run.settings(steps, lr), f"{out}.work", key=key)
         run.save(model, tokenizer, out)
 
     return run.step(name.replace("/", ":"), key, out, work, everywhere=True), key
@@ -434,7 +434,7 @@ def train_stages(
         out = run.out / name / str(k)
         key = _hash(key, str(k), str(job.tasks), str(job.steps), r.section_hash("stages", "training"))
 
-        def work(k=k, job=job, previous=previous, out=out):
+        def work(k=k, job=job, previous=previous, out=out, key=key):
             model, tokenizer = run.load(previous) if k else _first_stage(run, start)
             frozen = None
             if r.mode == "dense":
@@ -446,7 +446,7 @@ def train_stages(
                 model.base_model.add_trainable(job.trainable)
             examples = run.examples(job.tasks, job.steps, r.stages.sample)
             settings = run.settings(job.steps, r.stages.lr)
-            train(model, tokenizer, examples, settings, f"{out}.work", frozen=frozen)
+            train(model, tokenizer, examples, settings, f"{out}.work", frozen=frozen, key=key)
             run.save(model, tokenizer, out)
 
         previous = run.step(f"{name}:{k}", key, out, work, everywhere=True)

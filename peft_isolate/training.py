@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor, Shard
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
-from ._io import save_json
+from ._io import load_json, save_json
 from .data import Example, SFTCollator, tokenize_sft
 
 COMPLETE = "complete.json"
@@ -121,18 +121,28 @@ def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def completed_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest `checkpoint-N` folder whose completion marker exists (a half-written one is ignored)."""
-    ckpts = [p for p in Path(output_dir).glob("checkpoint-*") if (p / COMPLETE).is_file()]
+def completed_checkpoint(output_dir: str | os.PathLike, key: str = "") -> Path | None:
+    """The newest `checkpoint-N` folder whose completion marker exists and names `key`: a half-written one, or
+    one a run with other inputs left (another lr, data or starting model), is ignored."""
+    ckpts = [p for p in Path(output_dir).glob("checkpoint-*") if _marked_key(p) == key]
     return max(ckpts, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
+def _marked_key(ckpt: Path) -> str | None:
+    marker = ckpt / COMPLETE
+    return load_json(marker).get("key", "") if marker.is_file() else None
+
+
 class _MarkComplete(TrainerCallback):
-    """Writes the completion marker into each checkpoint after the Trainer has saved it."""
+    """Writes the completion marker, with the key of the run's inputs, into each checkpoint the Trainer saves."""
+
+    def __init__(self, key: str):
+        self.key = key
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            save_json({"step": state.global_step}, Path(args.output_dir) / f"checkpoint-{state.global_step}" / COMPLETE)
+            marker = Path(args.output_dir) / f"checkpoint-{state.global_step}" / COMPLETE
+            save_json({"step": state.global_step, "key": self.key}, marker)
 
 
 def _fsdp_arguments(model: nn.Module) -> dict:
@@ -149,9 +159,11 @@ def train(
     settings: TrainSettings,
     output_dir: str | os.PathLike,
     frozen: Mapping[str, torch.Tensor] | None = None,
+    key: str = "",
 ) -> float:
     """Train `model` in place for `settings.steps` optimizer steps on `examples`; resume from the last complete
-    checkpoint in `output_dir` if there is one. Returns the final training loss.
+    checkpoint in `output_dir` that a run with the same `key` (a hash of all its inputs) saved, and delete the
+    others. Returns the final training loss.
 
     Under `accelerate launch` / `torchrun` (DDP) each process takes `batch_size / world size` examples, in the
     same order a single process would, so the global batch and the result stay those of one process."""
@@ -185,7 +197,7 @@ def train(
         use_cpu=not torch.cuda.is_available(),
         **(_fsdp_arguments(model) if settings.fsdp else {}),
     )
-    callbacks: list[TrainerCallback] = [_MarkComplete()]
+    callbacks: list[TrainerCallback] = [_MarkComplete(key)]
     if frozen:
         callbacks.append(FreezeEntries(model, frozen))
     trainer = Trainer(
@@ -195,12 +207,17 @@ def train(
         data_collator=SFTCollator(tokenizer.pad_token_id),
         callbacks=callbacks,
     )
-    resume = completed_checkpoint(output_dir)
+    resume = completed_checkpoint(output_dir, key)
+    if trainer.is_world_process_zero():  # stale or half-written ones would only confuse the Trainer's rotation
+        _delete_checkpoints([c for c in Path(output_dir).glob("checkpoint-*") if c != resume])
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if trainer.is_world_process_zero():
-        ckpts = list(Path(output_dir).glob("checkpoint-*"))
-        for ckpt in ckpts:  # markers first: a kill during the rmtree must not leave a gutted "complete" checkpoint
-            (ckpt / COMPLETE).unlink(missing_ok=True)
-        for ckpt in ckpts:
-            shutil.rmtree(ckpt, ignore_errors=True)
+        _delete_checkpoints(list(Path(output_dir).glob("checkpoint-*")))
     return float(result.training_loss)
+
+
+def _delete_checkpoints(ckpts: list[Path]) -> None:
+    for ckpt in ckpts:  # markers first: a kill during the rmtree must not leave a gutted "complete" checkpoint
+        (ckpt / COMPLETE).unlink(missing_ok=True)
+    for ckpt in ckpts:
+        shutil.rmtree(ckpt, ignore_errors=True)

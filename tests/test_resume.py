@@ -34,26 +34,48 @@ def _with(recipe_path: Path, out: Path, **changes) -> Path:
     return path
 
 
-def test_killed_stage_resumes_to_the_same_adapter(recipe_file, tmp_path):  # noqa: F811
-    whole = _with(recipe_file, tmp_path / "whole")
-    subprocess.run([sys.executable, "-c", RUN, str(whole)], check=True, capture_output=True)
-    broken = _with(recipe_file, tmp_path / "broken")
+def _kill_at_second_stage_checkpoint(recipe: Path, out: Path) -> None:
+    """Start a run of `recipe` and SIGKILL it once the second stage has saved its first complete checkpoint."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", RUN, str(broken)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [sys.executable, "-c", RUN, str(recipe)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    marker = tmp_path / "broken" / "stages" / "1.work" / "checkpoint-2" / "complete.json"
+    marker = out / "stages" / "1.work" / "checkpoint-2" / "complete.json"
     deadline = time.time() + 300
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert marker.exists(), "the run never reached a checkpoint of the second stage"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / "broken" / "final").exists()
-    subprocess.run([sys.executable, "-c", RUN, str(broken)], check=True, capture_output=True)
-    a, b = _final(tmp_path / "whole"), _final(tmp_path / "broken")
+    assert not (out / "final").exists()
+
+
+def _assert_same_final(a_dir: Path, b_dir: Path) -> None:
+    a, b = _final(a_dir), _final(b_dir)
     assert a.keys() == b.keys()
     for key in a:
         if a[key].is_floating_point():
             torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)  # resumed data order and RNG: same math
         else:
             assert torch.equal(a[key], b[key])
+
+
+def test_killed_stage_resumes_to_the_same_adapter(recipe_file, tmp_path):  # noqa: F811
+    whole = _with(recipe_file, tmp_path / "whole")
+    subprocess.run([sys.executable, "-c", RUN, str(whole)], check=True, capture_output=True)
+    broken = _with(recipe_file, tmp_path / "broken")
+    _kill_at_second_stage_checkpoint(broken, tmp_path / "broken")
+    subprocess.run([sys.executable, "-c", RUN, str(broken)], check=True, capture_output=True)
+    _assert_same_final(tmp_path / "whole", tmp_path / "broken")
+
+
+def test_killed_stage_rerun_with_another_lr_does_not_resume_the_old_checkpoint(recipe_file, tmp_path):  # noqa: F811
+    """Killed mid-stage, then rerun with another stage lr: the stage's inputs changed, so the checkpoint the
+    killed run left (old weights, old optimizer lr) must not be resumed; the result is a fresh run's."""
+    data = yaml.safe_load(recipe_file.read_text())
+    lr = {**data["stages"], "lr": data["stages"]["lr"] / 2}
+    whole = _with(recipe_file, tmp_path / "whole", stages=lr)
+    subprocess.run([sys.executable, "-c", RUN, str(whole)], check=True, capture_output=True)
+    _kill_at_second_stage_checkpoint(_with(recipe_file, tmp_path / "broken"), tmp_path / "broken")
+    changed = _with(recipe_file, tmp_path / "broken", stages=lr)
+    subprocess.run([sys.executable, "-c", RUN, str(changed)], check=True, capture_output=True)
+    _assert_same_final(tmp_path / "whole", tmp_path / "broken")
