@@ -3,8 +3,7 @@
 Per tensor, with task deltas D_i and backbone delta D_b: core entries take D_i of their task (an entry
 claimed by several tasks goes to the largest |D_i|); every other entry takes
 SLERP(D_b, spherical mean of the D_i, omega). Works on dense deltas (dense mode) and on values aligned
-to a sorted support (adapter mode); entries outside the support are zero in every delta, so the
-angles and the result on the support are the same as in dense space.
+to a sorted support (adapter mode), where the norms and angles are taken over the support's entries only.
 """
 
 from __future__ import annotations

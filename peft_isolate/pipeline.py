@@ -315,7 +315,9 @@ def _fuse_tensor(
     return fused.deltas[name]
 
 
-def run_fusion(run: Run, cores: dict[str, CoreRegions], support: CoreRegions, backbone: Path | None) -> Path:
+def run_fusion(
+    run: Run, cores: dict[str, CoreRegions], support: CoreRegions, backbone: tuple[Path, str] | None
+) -> Path:
     """The fused starting point, one tensor at a time: each task's core transplanted, the other entries
     SLERP(backbone delta, spherical mean of the task deltas, omega). Adapter mode: values on the support
     (fused/delta.safetensors); dense mode: a whole model (fused/)."""
@@ -325,7 +327,7 @@ def run_fusion(run: Run, cores: dict[str, CoreRegions], support: CoreRegions, ba
 
     def work():
         sources = {t: delta_source(run, run.out / "probes" / t) for t in cores}
-        backbone_source = CheckpointDelta(base_dir, backbone) if dense and backbone else None
+        backbone_source = CheckpointDelta(base_dir, backbone[0]) if backbone else None  # dense mode only (recipe)
         stats, values = Counter(), {}
         model, tokenizer = run.base() if dense else (None, None)
         params = dict(model.named_parameters()) if dense else {}
@@ -354,9 +356,9 @@ def run_fusion(run: Run, cores: dict[str, CoreRegions], support: CoreRegions, ba
     return path
 
 
-def fusion_key(run: Run, backbone: Path | None) -> str:
-    """What the fused starting point depends on: the cores, the fusion settings and the backbone."""
-    return _hash(cores_key(run), run.recipe.section_hash("fusion"), str(backbone))
+def fusion_key(run: Run, backbone: tuple[Path, str] | None) -> str:
+    """What the fused starting point depends on: the cores, the fusion settings and the backbone's own key."""
+    return _hash(cores_key(run), run.recipe.section_hash("fusion"), backbone[1] if backbone else "")
 
 
 # --- step 4: stages with frozen cores ------------------------------------------------------------------------
@@ -536,11 +538,13 @@ def run_pipeline(recipe: Recipe, until: str = "evaluate") -> dict | None:
     if recipe.fusion.enabled:
         if recipe.backbone == "multistage":
             jobs = [StageJob(g, run.stage_steps(g)) for g in plan.groups]
-            backbone, _ = train_stages(run, "backbone", jobs, base_key)[-1]
+            backbone = train_stages(run, "backbone", jobs, base_key)[-1]
         start = run_fusion(run, cores, support, backbone)
     if last < STEPS.index("train-stage"):
         return None
-    methods: dict[str, tuple[Path | None, str]] = {"base": (None, recipe.section_hash("model", "quantization"))}
+    methods: dict[str, tuple[Path | None, str]] = {
+        "base": (None, recipe.section_hash("model", "quantization", "tasks"))
+    }
     methods |= {f"probe:{t}": (run.out / "probes" / t, probe_key(run, t)) for t in run.tasks}
     key = _hash(base_key, fusion_key(run, backbone) if start else "")
     cpi_jobs = cpi_ft_jobs(run, plan, cores)

@@ -6,11 +6,14 @@ import hashlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+TASK_NAME = re.compile(r"[A-Za-z0-9_-]+")  # task names become file names
 
 
 class _Section(BaseModel):
@@ -147,6 +150,12 @@ class Recipe(_Section):
     def _check(self) -> Recipe:
         if len(self.tasks) < 2:
             raise ValueError("tasks: CPI-FT needs at least two tasks")
+        unsafe = [t for t in self.tasks if not TASK_NAME.fullmatch(t)]
+        if unsafe:
+            raise ValueError(
+                f"task name {unsafe[0]!r} names files (probes/<task>, cores/<task>.safetensors): use letters, "
+                "digits, '_' and '-' (and no '@', which marks re-selected cores)"
+            )
         if self.mode == "dense" and self.quantization != "none":
             raise ValueError("mode: dense trains full weights, so it needs quantization: none")
         if self.mode == "adapter" and self.training.fsdp:
@@ -155,6 +164,12 @@ class Recipe(_Section):
             )
         if self.mode == "adapter" and self.probe.method == "full":
             raise ValueError("probe.method: full is dense mode's probe; in adapter mode use lora or sparse")
+        if self.mode == "adapter" and self.backbone != "base":
+            raise ValueError(
+                f"fusion.backbone: {self.backbone} never enters adapter mode's fused start: its support is the union "
+                "of the cores, so every entry takes its task's core value and none is left to SLERP; use backbone: "
+                "base, or mode: dense"
+            )
         if self.mode == "adapter" and self.plan.freeze == "all":
             raise ValueError(
                 "plan.freeze: all locks every other group's core, and in adapter mode the support is the union of "
@@ -163,6 +178,8 @@ class Recipe(_Section):
         if ("multistage_given" in self.baselines or self.plan.order == "given") and not self.plan.groups:
             raise ValueError("multistage_given and plan.order: given need plan.groups (a list of task-name lists)")
         if self.plan.groups:
+            if not all(self.plan.groups):
+                raise ValueError("plan.groups has an empty group; every stage needs at least one task")
             named = [t for g in self.plan.groups for t in g]
             if sorted(named) != sorted(self.tasks):
                 raise ValueError("plan.groups must name every task exactly once")
@@ -189,18 +206,32 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = _yaml(path.read_text(), f"{path}", "fix the YAML")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a recipe is a YAML mapping of sections (model:, tasks:, ...), not {type(data)}")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"override {item!r} must look like key.sub=value")
         *parents, leaf = key.split(".")
         node = data
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        for depth, part in enumerate(parents):
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                where = ".".join(parents[: depth + 1])
+                raise ValueError(f"override {item!r}: {where} is {node!r} in {path}, not a section with keys")
+        node[leaf] = _yaml(value, f"override {item!r}", "quote the value")
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'recipe'}: {err['msg']}" for err in e.errors())
         raise ValueError(f"{path}: {problems}") from None
+
+
+def _yaml(text: str, what: str, fix: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{what} is not valid YAML ({e}); {fix}") from None

@@ -302,7 +302,12 @@ class DeltaSource(ABC):
 
 
 def _sub(tuned: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """tuned - base in fp32 on CPU (fp64 when either is fp64, then rounded), never aliasing the inputs."""
+    """tuned - base in fp32 on CPU (fp64 when either is fp64, then rounded), never aliasing the inputs.
+
+    A base wider than the tuned weights is first rounded to their dtype, as it was when the model was loaded to
+    train (bf16 on a GPU): else every entry's delta would hold that rounding, as large as a small update."""
+    if base.is_floating_point() and tuned.is_floating_point() and base.itemsize > tuned.itemsize:
+        base = base.to(tuned.dtype)
     if torch.float64 in (tuned.dtype, base.dtype):
         return (tuned.double() - base.to(tuned.device).double()).float().cpu()
     d = tuned.to(torch.float32, copy=True)

@@ -164,6 +164,24 @@ def test_recipe_errors_name_the_problem(tmp_path, recipe_file):
         load_recipe(bad)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_recipe(tmp_path / "nowhere.yaml")
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_recipe(bad)
+    bad.write_text(yaml.safe_dump({**data, "probe": None}))
+    assert load_recipe(bad, ["probe.steps=3"]).probe.steps == 3  # an empty section takes keys
+    with pytest.raises(ValueError, match="model is .* not a section"):
+        load_recipe(recipe_file, ["model.name=x"])
+    with pytest.raises(ValueError, match="override 'probe.steps=\\[' is not valid YAML"):
+        load_recipe(recipe_file, ["probe.steps=["])
+    tasks = data["tasks"]
+    bad.write_text(yaml.safe_dump({**data, "tasks": {"../up": tasks["upper"], "count": tasks["count"]}}))
+    with pytest.raises(ValueError, match="task name '../up'"):
+        load_recipe(bad)
+    with pytest.raises(ValueError, match="empty group"):
+        load_recipe(recipe_file, ["plan.groups=[[upper, count], []]"])
+    with pytest.raises(ValueError, match="fusion.backbone: multistage never enters adapter mode"):
+        load_recipe(recipe_file, ["fusion.backbone=multistage"])
+    assert load_recipe(recipe_file, ["mode=dense", "fusion.backbone=mean"]).backbone == "mean"
 
 
 def test_budgets_in_epochs_and_baselines_match_cpi_ft_steps(recipe_file):

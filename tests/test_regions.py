@@ -141,6 +141,17 @@ def test_checkpoint_dirs_match_in_memory_models_and_brute_force(pair):
     assert find_core_regions(in_memory_with_state, p=0.01) == in_memory
 
 
+def test_a_bf16_fine_tune_of_an_fp32_base_has_exactly_its_update_as_delta():
+    """Trained in bf16 (as on a GPU) from an fp32 checkpoint: the delta is the update, not the base's rounding."""
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(64, 64, generator=g)}
+    tuned = {"w": base["w"].to(torch.bfloat16)}
+    tuned["w"].view(-1)[[3, 77, 500]] += torch.tensor([0.5, -0.25, 1.0], dtype=torch.bfloat16)
+    delta = ModelDelta(base, tuned).delta("w")
+    assert torch.equal(torch.nonzero(delta.flatten()).flatten(), torch.tensor([3, 77, 500]))
+    assert find_core_regions(ModelDelta(base, tuned), p=3 / 4096)["w"].tolist() == [3, 77, 500]
+
+
 def test_lora_regions_equal_regions_of_the_merged_weights(pair, tmp_path):
     base, _, base_dir, _ = pair
     config = LoraConfig(
