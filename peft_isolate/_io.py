@@ -17,6 +17,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -30,11 +33,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             yield Path(tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make every artifact private to its writer
         except (OSError, SafetensorError) as e:
             if (err := write_error(path, e)) is e:
                 raise
             raise err from e
         os.replace(tmp, path)
+        _fsync_dir(path.parent)  # the rename itself survives a crash
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -55,8 +60,21 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         if (err := write_error(path, e)) is e:
             raise
         raise err from e
-    shutil.rmtree(path, ignore_errors=True)
+    old = path.with_name(f".{path.name}.old")  # the previous folder stays whole until the new one is in place
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
     tmp.rename(path)
+    _fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_error(path: str | os.PathLike, e: BaseException) -> BaseException:
@@ -181,9 +199,6 @@ class TensorReader:
 
     def names(self) -> list[str]:
         return [k for k in self._header if k != "__metadata__"]
-
-    def metadata(self) -> dict[str, str]:
-        return dict(self._header.get("__metadata__") or {})
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entry(name)["shape"])

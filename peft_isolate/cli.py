@@ -79,6 +79,10 @@ def regions(args: argparse.Namespace) -> None:
         raise ValueError("give exactly one delta source: --tuned (with --base), --lora or --adapter")
     if not args.base and not args.lora:
         raise ValueError(f"--{given[0]} needs --base: the checkpoint the probe started from")
+    try:
+        include = re.compile(args.include or "")
+    except re.error as e:
+        raise ValueError(f"--include {args.include!r} is not a valid regular expression ({e})") from None
     if args.tuned:
         source = CheckpointDelta(args.base, args.tuned)
     elif args.lora:
@@ -87,7 +91,7 @@ def regions(args: argparse.Namespace) -> None:
         source = IsolationDelta(args.adapter, args.base)
     names = None
     if args.include:
-        names = [n for n in source.shapes() if re.search(args.include, n)]
+        names = [n for n in source.shapes() if include.search(n)]
         if not names:
             raise ValueError(f"--include {args.include!r} matches no parameter of {source.description}")
     cores = find_core_regions(source, p=args.p, scope=args.scope, names=names)
@@ -152,7 +156,7 @@ for _step, _help in [
     ("train-stage", "Run the recipe up to the CPI-FT stages and final/ adapter."),
     ("evaluate", "Run the recipe through evaluation and print results.md (same as run)."),
 ]:
-    command(_step, _help)(_recipe_args(_run_until({"run": "evaluate", "fuse": "fuse"}.get(_step, _step))))
+    command(_step, _help)(_recipe_args(_run_until({"run": "evaluate"}.get(_step, _step))))
 
 
 @command("validate", "Check a recipe: every key, type and cross-field rule; print the resolved recipe.")
@@ -214,15 +218,19 @@ def _print_report(report: dict) -> None:
 @arg("adapter", help="isolation adapter directory")
 @arg("--out", required=True, help="output file, e.g. delta.safetensors")
 @arg("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="dtype of the values")
-@arg("--base", help="base checkpoint for shapes and fingerprint (default: the adapter's recorded base)")
+@arg("--base", help="base model (directory, .gguf or alias) for shapes and fingerprint (default: the adapter's)")
 @arg("--quantization", choices=["none", "nf4", "int8"], default="none", help="fingerprint the base loaded so")
 def export(args: argparse.Namespace) -> None:
     import torch
 
     from .export import export_delta
-    from .models import load_model
+    from .models import ALIASES, load_model, resolve_model
 
+    if args.quantization != "none" and not args.base:
+        raise ValueError("--quantization says how to load --base: give --base too")
     base = args.base
+    if base and (base in ALIASES or base.endswith(".gguf")):  # a checkpoint dir or .safetensors is read as is
+        base = resolve_model(base)
     if base and args.quantization != "none":
         base = load_model(base, args.quantization)[0]
     _print_report(export_delta(args.adapter, args.out, getattr(torch, args.dtype), base))
@@ -261,7 +269,7 @@ def merge(args: argparse.Namespace) -> None:
 @arg("--out", required=True, help="output sparse-delta file")
 @arg("--rule", choices=["sum", "magnitude_prune", "ties", "dare_linear", "dare_ties"], help="rule for overlaps")
 @arg("--weights", type=float, nargs="+", help="one weight per delta (default 1)")
-@arg("--density", type=float, help="kept fraction for ties/dare/magnitude_prune")
+@arg("--density", type=float, help="kept fraction of the union of supports, per delta, for ties/dare/magnitude_prune")
 @arg("--seed", type=int, default=0, help="seed of DARE's random drop")
 def compose(args: argparse.Namespace) -> None:
     from .export import compose_deltas

@@ -407,12 +407,17 @@ def compose_deltas(
 
     Disjoint supports add exactly. Where supports overlap a `rule` must be named: `sum`, or peft's
     `magnitude_prune`, `ties`, `dare_linear`, `dare_ties` (these need `density`; DARE draws with `seed`),
-    applied per tensor to the deltas as vectors over the union of supports. `weights` default to 1.
+    applied per tensor to the deltas as vectors over the union of supports, zero off their own support. So
+    `density` is a fraction of the union: magnitude_prune and ties keep each delta's top density x |union|
+    entries (all of a delta that covers less than that), DARE keeps each entry with probability density.
+    `weights` default to 1.
     """
     if rule is not None and rule not in RULES:
         raise ValueError(f"unknown compose rule {rule!r}; choose one of {sorted(RULES)}")
     if rule is not None and RULES[rule][1] and density is None:
-        raise ValueError(f"rule {rule!r} needs density= (the fraction of each delta's entries kept, in (0, 1])")
+        raise ValueError(
+            f"rule {rule!r} needs density= (the fraction of the union of supports kept per delta, in (0, 1])"
+        )
     deltas = [SparseDelta.load(p) for p in paths]
     if not deltas:
         raise ValueError("compose_deltas needs at least one delta file")

@@ -507,7 +507,8 @@ def run_evaluations(run: Run, methods: dict[str, tuple[Path | None, str]]) -> di
                 entry[field].update(values)
     for entry in results["methods"].values():
         entry["avg"] = sum(entry["tasks"].values()) / len(entry["tasks"])
-    write_results(run.out, results)
+    if processes().is_main_process:
+        write_results(run.out, results)
     return results
 
 
@@ -522,7 +523,9 @@ def run_pipeline(recipe: Recipe, until: str = "evaluate") -> dict | None:
     last = STEPS.index(until)
     run = load_run(recipe)
     run.out.mkdir(parents=True, exist_ok=True)
-    save_json(recipe.model_dump(mode="json"), run.out / "recipe.json")
+    main = processes().is_main_process
+    if main:
+        save_json(recipe.model_dump(mode="json"), run.out / "recipe.json")
     for task in run.tasks:
         run_probe(run, task)
     if last < STEPS.index("regions"):
@@ -532,7 +535,8 @@ def run_pipeline(recipe: Recipe, until: str = "evaluate") -> dict | None:
         return None
     plan = run_plan(run, cores)
     support = support_of(cores)
-    support.save(run.out / "support.safetensors")
+    if main:
+        support.save(run.out / "support.safetensors")
     base_key = _hash(cores_key(run), recipe.section_hash("plan"))
     backbone = start = None
     if recipe.fusion.enabled:

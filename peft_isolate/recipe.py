@@ -108,7 +108,7 @@ class StageSpec(_Budget):
 class TrainingSpec(_Section):
     """Settings shared by every training step (probes, stages, baselines)."""
 
-    batch_size: int = Field(8, gt=0, description="per-device batch size")
+    batch_size: int = Field(8, gt=0, description="global batch size, split across processes under DDP")
     grad_accum: int = Field(1, gt=0, description="gradient accumulation steps")
     max_seq_len: int = Field(256, ge=8, description="tokens per example, prompt and answer")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")

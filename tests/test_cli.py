@@ -48,6 +48,15 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
         main(["validate", str(bad)])
     assert e.value.code == 2
     assert "unknown_key" in capsys.readouterr().err
+    for argv, message in [
+        (["regions", "--lora", str(tmp_path), "--include", "(q_proj", "--out", "x"], "not a valid regular"),
+        (["export", str(tmp_path), "--out", "x", "--quantization", "nf4"], "give --base too"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_demo_fails_loudly_unless_the_probes_learn(tiny_dir, tmp_path, capsys):

@@ -461,3 +461,20 @@ def test_truncated_artifact_is_redone_or_named(victim, reference, tmp_path):
             torch.testing.assert_close(b[key], a[key], rtol=0, atol=ATOL, msg=lambda m, k=key: f"{victim} {k}: {m}")
     _assert_same_result(out, ref_out)
     print(f"{victim}: the rerun redid it")
+
+
+def test_atomic_writes_follow_the_umask_and_replace_folders_whole(tmp_path):
+    """Artifacts are readable as the umask allows (not mkstemp's private 0600), and a replaced folder leaves
+    neither its old contents nor temp folders behind."""
+    from peft_isolate._io import atomic_dir, save_json
+
+    save_json({"a": 1}, tmp_path / "x.json")
+    for text in ("old", "new"):
+        with atomic_dir(tmp_path / "d") as d:
+            d.mkdir()
+            (d / "f").write_text(text)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert (tmp_path / "d" / "f").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "x.json"]

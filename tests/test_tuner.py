@@ -332,6 +332,30 @@ def test_trainable_region_intersecting_locked_is_refused(load_tiny):
         peft_model.base_model.lock({"model.embed_tokens.weight": part})
 
 
+def test_lock_and_add_trainable_check_plain_index_mappings(load_tiny):
+    """A {weight: indices} mapping gets the checks a regions file gets: int64 is taken, and out-of-range,
+    unsorted or float indices, or regions found on another shape, are refused before anything changes."""
+    from peft_isolate import CoreRegions
+
+    peft_model = get_peft_model(load_tiny(), IsolationConfig(target_modules="all-linear", density=0.05))
+    name, layer = next(iter(layers(peft_model.base_model.model).items()))
+    weight, numel = f"{name}.weight", layer.weight.numel()
+    before = layer.isolation_indices["default"].clone()
+    for bad, message in [
+        (torch.tensor([0, numel]), "out of range"),
+        (torch.tensor([5, 2]), "unsorted or duplicated"),
+        (torch.tensor([1.0, 2.0]), "integer flat positions"),
+    ]:
+        for call in (peft_model.base_model.lock, peft_model.base_model.add_trainable):
+            with pytest.raises(ValueError, match=message):
+                call({weight: bad})
+    other = CoreRegions({weight: torch.tensor([0], dtype=torch.int32)}, {weight: (numel, 1)})
+    with pytest.raises(ValueError, match="made for another model"):
+        peft_model.base_model.lock(other)
+    assert torch.equal(layer.isolation_indices["default"], before)
+    assert peft_model.base_model.lock({weight: before[:2].long()}) == 2
+
+
 def _regions_file(path, model, pick, shapes=None):
     """A core-regions file over the model's targeted linear weights, taking `pick(numel)` entries of each."""
     from peft_isolate import CoreRegions

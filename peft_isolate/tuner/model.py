@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 
@@ -10,7 +11,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from ..regions import CoreRegions
+from ..regions import CoreRegions, check_index_set
 from .config import IsolationConfig
 from .layer import IsolationLayer, Linear
 
@@ -24,7 +25,10 @@ def _as_index_sets(regions: Regions) -> tuple[dict[str, torch.Tensor], dict[str,
         regions = CoreRegions.load(regions)
     if isinstance(regions, CoreRegions):
         return {n: i for n, i in regions.indices.items() if i.numel()}, regions.shapes
-    return {n: i for n, i in regions.items() if i.numel()}, {}
+    for name, idx in regions.items():
+        if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+            raise ValueError(f"regions for {name}: expected integer flat positions, got {idx.dtype}")
+    return {n: i.to(torch.int32) for n, i in regions.items() if i.numel()}, {}
 
 
 class IsolationModel(BaseTuner):
@@ -104,11 +108,19 @@ class IsolationModel(BaseTuner):
     def _per_layer(self, regions: Regions, adapter_name: str | None, apply) -> int:
         """Apply `apply(layer, adapter, region, name)` to each layer the regions cover; error on unknown names."""
         adapter = adapter_name or self.active_adapters[0]
-        sets, _ = _as_index_sets(regions)
+        sets, shapes = _as_index_sets(regions)
         layers = dict(self._isolation_layers())
         unknown = sorted(set(sets) - set(layers))
         if unknown:
             raise ValueError(f"regions name {unknown[0]!r}, which is not an isolation-adapted weight of this model")
+        for name, region in sets.items():
+            shape = layers[name].shape
+            if name in shapes and tuple(shapes[name]) != tuple(shape):
+                raise ValueError(
+                    f"regions for {name} were found on a weight of shape {tuple(shapes[name])}, this model's is "
+                    f"{tuple(shape)}: they were made for another model"
+                )
+            check_index_set(region, math.prod(shape), f"regions for {name}")
         total = 0
         for name, region in sets.items():
             try:
