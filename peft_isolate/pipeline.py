@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import random
 import shutil
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 
 from ._io import TensorReader, atomic_dir, load_json, load_tensors, save_json, save_tensors
-from .data import Example, TaskData, load_task, mix, sample
+from .data import RG_PREFIX, Example, TaskData, load_task, mix, sample
 from .evaluate import evaluate, majority_baseline, method_entry, write_results
 from .fusion import fuse_deltas
 from .models import load_model, resolve_model
@@ -162,12 +163,18 @@ def load_run(recipe: Recipe) -> Run:
 # --- step 1: probes and core regions -------------------------------------------------------------------------
 
 
+def task_key(run: Run, task: str) -> str:
+    """A task's spec and, for a file task, its files' contents: a data file edited in place redoes its steps."""
+    spec = run.recipe.tasks[task]
+    files = [f for f in (spec.source, spec.eval_source) if f and not f.startswith(RG_PREFIX)]
+    return spec.model_dump_json() + "".join(hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files)
+
+
 def probe_key(run: Run, task: str) -> str:
     """What a task's probe depends on: the model, mode, targets, probe and training settings, its own data."""
     r = run.recipe
     return _hash(
-        r.section_hash("model", "quantization", "mode", "target_modules", "probe", "training"),
-        r.tasks[task].model_dump_json(),
+        r.section_hash("model", "quantization", "mode", "target_modules", "probe", "training"), task_key(run, task)
     )
 
 
@@ -181,10 +188,11 @@ def _train_single_adapter(
     method: str,
     rank: int,
     start: Path | None = None,
+    fraction: float = 1.0,
 ) -> tuple[Path, str]:
     """Fine-tune the base (or the model a stage left, `start`, merged) on the mixture of `tasks` with a LoRA, a
-    sparse isolation adapter or all weights (`method`); save it to `<output_dir>/<name>` (probes, and the LoRA
-    multi-task baseline)."""
+    sparse isolation adapter or all weights (`method`), each task's data sampled to `fraction`; save it to
+    `<output_dir>/<name>` (probes, and the LoRA multi-task baseline)."""
     r, out = run.recipe, run.out / name
 
     def work():
@@ -198,7 +206,7 @@ def _train_single_adapter(
         elif method == "sparse":
             sparse = IsolationConfig(target_modules=r.target_modules, density=r.probe.density, seed=r.training.seed)
             model = get_peft_model(model, sparse)
-        train(model, tokenizer, run.examples(tasks, steps), run.settings(steps, lr), f"{out}.work", key=key)
+        train(model, tokenizer, run.examples(tasks, steps, fraction), run.settings(steps, lr), f"{out}.work", key=key)
         run.save(model, tokenizer, out)
 
     return run.step(name.replace("/", ":"), key, out, work, everywhere=True), key
@@ -231,7 +239,10 @@ def run_lora_multitask(run: Run, support: CoreRegions, steps: int, key: str) -> 
     rank = max(1, round(sum(support.indices[n].numel() for n in matrices) / fan))
     r = run.recipe
     key = _hash(key, str(rank), str(steps), r.section_hash("stages", "training"))
-    return _train_single_adapter(run, "lora_multitask", key, list(run.tasks), steps, r.stages.lr, "lora", rank)
+    tasks = list(run.tasks)  # on the data the staged baselines see: each task sampled to stages.sample
+    return _train_single_adapter(
+        run, "lora_multitask", key, tasks, steps, r.stages.lr, "lora", rank, fraction=r.stages.sample
+    )
 
 
 def delta_source(run: Run, probe: Path, reference: Path | None = None) -> DeltaSource:
@@ -391,6 +402,13 @@ def reselecting(run: Run, plan: StagePlan, cores: dict[str, CoreRegions]) -> Cal
     """`stages.reselect`: before stage k > 0 each task of its group gets its core found again, by a probe of the
     same budget started from the model stage k-1 left (importance drifts as training goes); the cores earlier
     stages trained are the ones locked."""
+    if run.recipe.quantization != "none":
+        warnings.warn(
+            f"stages.reselect on a {run.recipe.quantization} base: each re-probe starts from the previous stage "
+            "merged into the base and requantized, which rounds away updates smaller than a quantization step; "
+            "use quantization: none for exact re-probes",
+            stacklevel=2,
+        )
     used = dict(cores)
 
     def refine(k: int, previous: tuple[Path, str]) -> StageJob:
@@ -547,7 +565,7 @@ def run_pipeline(recipe: Recipe, until: str = "evaluate") -> dict | None:
     if last < STEPS.index("train-stage"):
         return None
     methods: dict[str, tuple[Path | None, str]] = {
-        "base": (None, recipe.section_hash("model", "quantization", "tasks"))
+        "base": (None, _hash(recipe.section_hash("model", "quantization"), *(task_key(run, t) for t in run.tasks)))
     }
     methods |= {f"probe:{t}": (run.out / "probes" / t, probe_key(run, t)) for t in run.tasks}
     key = _hash(base_key, fusion_key(run, backbone) if start else "")

@@ -136,6 +136,19 @@ def test_reselect_finds_later_cores_from_the_previous_stage(recipe_file, tiny_di
     assert (out / "state.json").read_text() == state
 
 
+def test_a_data_file_edited_in_place_redoes_its_task_probe(recipe_file):
+    recipe = load_recipe(recipe_file)
+    run_pipeline(recipe, until="probe")
+    out = Path(recipe.output_dir)
+    before = json.loads((out / "state.json").read_text())
+    upper = Path(recipe.tasks["upper"].source)
+    upper.write_text(upper.read_text().replace("upper", "UPPER"))
+    run_pipeline(recipe, until="probe")
+    after = json.loads((out / "state.json").read_text())
+    assert after["probes:upper"] != before["probes:upper"]
+    assert after["probes:count"] == before["probes:count"]
+
+
 def test_sparse_probes_share_one_support_and_the_plan_takes_chance_within_it(recipe_file):
     from safetensors.torch import load_file
 
