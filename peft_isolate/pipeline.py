@@ -28,7 +28,7 @@ from .evaluate import evaluate, majority_baseline, method_entry, write_results
 from .fusion import fuse_deltas
 from .models import load_model, resolve_model
 from .plan import StagePlan, draw_overlap, format_plan, plan_stages
-from .recipe import Recipe
+from .recipe import Recipe, TaskSpec
 from .regions import CheckpointDelta, CoreRegions, DeltaSource, IsolationDelta, LoraDelta, find_core_regions
 from .training import TrainSettings, gathered_state_dict, processes, train
 from .tuner import IsolationConfig
@@ -70,6 +70,7 @@ class Run:
 
     recipe: Recipe
     tasks: dict[str, TaskData]
+    task_keys: dict[str, str]  # each task's spec and data-file contents, hashed once per run
 
     @property
     def out(self) -> Path:
@@ -157,24 +158,23 @@ def load_run(recipe: Recipe) -> Run:
         )
         for name, spec in recipe.tasks.items()
     }
-    return Run(recipe, tasks)
+    return Run(recipe, tasks, {name: _task_key(spec) for name, spec in recipe.tasks.items()})
+
+
+def _task_key(spec: TaskSpec) -> str:
+    """A task's spec and, for a file task, its files' contents: a data file edited in place redoes its steps."""
+    files = [f for f in (spec.source, spec.eval_source) if f and not f.startswith(RG_PREFIX)]
+    return spec.model_dump_json() + "".join(hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files)
 
 
 # --- step 1: probes and core regions -------------------------------------------------------------------------
-
-
-def task_key(run: Run, task: str) -> str:
-    """A task's spec and, for a file task, its files' contents: a data file edited in place redoes its steps."""
-    spec = run.recipe.tasks[task]
-    files = [f for f in (spec.source, spec.eval_source) if f and not f.startswith(RG_PREFIX)]
-    return spec.model_dump_json() + "".join(hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files)
 
 
 def probe_key(run: Run, task: str) -> str:
     """What a task's probe depends on: the model, mode, targets, probe and training settings, its own data."""
     r = run.recipe
     return _hash(
-        r.section_hash("model", "quantization", "mode", "target_modules", "probe", "training"), task_key(run, task)
+        r.section_hash("model", "quantization", "mode", "target_modules", "probe", "training"), run.task_keys[task]
     )
 
 
@@ -565,7 +565,7 @@ def run_pipeline(recipe: Recipe, until: str = "evaluate") -> dict | None:
     if last < STEPS.index("train-stage"):
         return None
     methods: dict[str, tuple[Path | None, str]] = {
-        "base": (None, _hash(recipe.section_hash("model", "quantization"), *(task_key(run, t) for t in run.tasks)))
+        "base": (None, _hash(recipe.section_hash("model", "quantization"), *run.task_keys.values()))
     }
     methods |= {f"probe:{t}": (run.out / "probes" / t, probe_key(run, t)) for t in run.tasks}
     key = _hash(base_key, fusion_key(run, backbone) if start else "")

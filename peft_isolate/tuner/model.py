@@ -31,6 +31,15 @@ def _as_index_sets(regions: Regions) -> tuple[dict[str, torch.Tensor], dict[str,
     return {n: i.to(torch.int32) for n, i in regions.items() if i.numel()}, {}
 
 
+def _check_recorded_shape(shapes: Mapping[str, tuple[int, ...]], name: str, shape: tuple[int, ...], what: str) -> None:
+    """Refuse index sets that their file recorded for a weight of another shape than this model's."""
+    if name in shapes and tuple(shapes[name]) != tuple(shape):
+        raise ValueError(
+            f"{what} file entry {name} has shape {tuple(shapes[name])} but the model's weight is {tuple(shape)}: "
+            "the file was made for another model"
+        )
+
+
 class IsolationModel(BaseTuner):
     """Sparse-delta fine-tuning on a frozen base: the tuner behind `IsolationConfig`.
 
@@ -75,12 +84,7 @@ class IsolationModel(BaseTuner):
         for what, key in (("regions", "indices"), ("frozen", "locked")):
             sets, shapes = self._index_sets[what]
             if weight_name in sets:
-                shape = (target.out_features, target.in_features)
-                if weight_name in shapes and tuple(shapes[weight_name]) != shape:
-                    raise ValueError(
-                        f"{what} file entry {weight_name} has shape {tuple(shapes[weight_name])} but the model's "
-                        f"weight is {shape}: the file was made for another model"
-                    )
+                _check_recorded_shape(shapes, weight_name, (target.out_features, target.in_features), what)
                 kwargs[key] = sets[weight_name]
         if isinstance(target, IsolationLayer):
             target.update_layer(adapter_name, config, **kwargs)
@@ -114,13 +118,8 @@ class IsolationModel(BaseTuner):
         if unknown:
             raise ValueError(f"regions name {unknown[0]!r}, which is not an isolation-adapted weight of this model")
         for name, region in sets.items():
-            shape = layers[name].shape
-            if name in shapes and tuple(shapes[name]) != tuple(shape):
-                raise ValueError(
-                    f"regions for {name} were found on a weight of shape {tuple(shapes[name])}, this model's is "
-                    f"{tuple(shape)}: they were made for another model"
-                )
-            check_index_set(region, math.prod(shape), f"regions for {name}")
+            _check_recorded_shape(shapes, name, layers[name].shape, "regions")
+            check_index_set(region, math.prod(layers[name].shape), f"regions for {name}")
         total = 0
         for name, region in sets.items():
             try:
