@@ -117,12 +117,18 @@ def runs(args, size: dict) -> dict[str, dict[str, dict]]:
             configs["dense"] = recipe(size, tasks, seed, base / "dense", args.model, **DENSE)
         if "forgetting" in args.parts:
             for a, b in args.pairs or itertools.permutations(tasks[:3], 2):
-                configs[f"forgetting/{a}>{b}"] = recipe(
+                # another core size p varies the default's run: its probes are reused, its cores found again
+                p = args.forgetting_p
+                out_dir = base / f"forget-{a}-{b}" if p is None else base / f"forget-{a}-{b}-p{p:g}"
+                name = f"{a}>{b}" if p is None else f"{a}>{b} (p = {p:g})"
+                _start_from(base / f"forget-{a}-{b}", out_dir)
+                configs[f"forgetting/{name}"] = recipe(
                     size,
                     [a, b],
                     seed,
-                    base / f"forget-{a}-{b}",
+                    out_dir,
                     args.model,
+                    regions={} if p is None else {"p": p},
                     fusion={"enabled": False},
                     plan={"order": "given", "groups": [[a], [b]], "tau": 2.0},
                     baselines=["multistage_given"],
@@ -312,6 +318,7 @@ def main() -> None:
         metavar="A>B",
         help="forgetting pairs (default: every ordered pair of the first three tasks)",
     )
+    p.add_argument("--forgetting-p", type=float, help="core size p of the forgetting part (default: the recipe's)")
     args = p.parse_args()
     args.seeds = args.seeds or ([0, 1, 2] if args.size == "full" else [0])
     args.parts = args.parts or (["main"] if args.size == "quick" else parts)

@@ -21,6 +21,12 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def honour_umask(path: Path) -> None:
+    """Give `path` the mode a plain open or mkdir would: mkstemp's 0600 and mkdtemp's 0700 would make every
+    artifact private to its writer."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_UMASK)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
@@ -33,7 +39,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             yield Path(tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make every artifact private to its writer
+            honour_umask(Path(tmp))
         except (OSError, SafetensorError) as e:
             if (err := write_error(path, e)) is e:
                 raise
@@ -101,6 +107,8 @@ def save_json(obj: Any, path: str | os.PathLike) -> Path:
 
 def load_json(path: str | os.PathLike) -> Any:
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, not a safetensors file")
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     try:
@@ -120,6 +128,8 @@ def save_tensors(
 def open_tensors(path: str | os.PathLike):
     """Open a safetensors file lazily, turning a truncated or corrupt file into a clear error."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, not a safetensors file")
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     try:

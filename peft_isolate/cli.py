@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args) or 0
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError) as e:
         parser.exit(2, f"peft-isolate {args.command}: error: {e}\n")
 
 
@@ -243,10 +243,14 @@ def export(args: argparse.Namespace) -> None:
 @arg("--quantization", choices=["none", "nf4", "int8"], default="none", help="load the model so first")
 @arg("--force", action="store_true", help="apply even if the delta was made for another base fingerprint")
 def apply(args: argparse.Namespace) -> None:
-    from .export import apply_delta
-    from .models import load_model
+    from transformers import AutoConfig
 
-    model, tokenizer = load_model(args.model, args.quantization)
+    from .export import apply_delta
+    from .models import load_model, resolve_model
+
+    # unquantized, keep the checkpoint's own dtype: the one `export --base` fingerprints, and the one to save back
+    dtype = AutoConfig.from_pretrained(resolve_model(args.model)).dtype if args.quantization == "none" else None
+    model, tokenizer = load_model(args.model, args.quantization, dtype=dtype)
     report = apply_delta(model, args.delta, force=args.force)
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)

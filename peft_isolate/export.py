@@ -51,7 +51,7 @@ from peft.utils import merge_utils
 from peft.utils.integrations import get_bnb_param_type
 from torch import nn
 
-from ._io import TensorReader, load_json, load_tensors, save_tensors
+from ._io import TensorReader, honour_umask, load_json, load_tensors, save_tensors
 from .regions import IsolationDelta, _Checkpoint, check_index_set
 from .tuner.layer import _store_weight, dequantized_weight
 
@@ -148,14 +148,18 @@ def _check_base(delta: SparseDelta, base: dict[str, str], force: bool, what: str
         return "match"
     if delta.base.get("base_layout") == base["base_layout"]:
         made, here = delta.base.get("base_quantization", "none"), base["base_quantization"]
+        other = "dtypes" if made == here else f"quantization (delta made on {made}, this base {here})"
         why = (
-            f"same names and shapes, other dtypes or quantization (quantization: delta made on {made}, this base "
-            f"{here}), so the result differs from the trained model by the rounding between the two"
+            f"same names and shapes, other {other}, so the result differs from the trained model by the rounding "
+            "between the two"
         )
     else:
         why = "its parameter names or shapes differ"
     if not force:
-        raise ValueError(f"{delta.path} was made for another base than {what}: {why}; pass force=True to apply it")
+        raise ValueError(
+            f"{delta.path} was made for another base than {what}: {why}; to apply it anyway pass force=True "
+            "(CLI: --force)"
+        )
     warnings.warn(f"applying {delta.path} to another base than it was made for ({why})", stacklevel=3)
     return "forced"
 
@@ -185,7 +189,12 @@ class SparseDelta:
             raise ValueError(
                 f"{path} has sparse-delta version {meta.get('version')}; this peft-isolate reads {VERSION}"
             )
-        shapes = {n: tuple(s) for n, s in json.loads(meta["shapes"]).items()}
+        try:
+            shapes = {n: tuple(int(d) for d in s) for n, s in json.loads(meta["shapes"]).items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(
+                f"{path}: its header's `shapes` is missing or not {{name: [dims]}} ({e!r}); recreate the file"
+            ) from e
         stray = set(tensors) - {f"{n}.{part}" for n in shapes for part in ("indices", "values")}
         if stray:
             raise ValueError(f"{path}: tensor {sorted(stray)[0]} is not listed in the header's shapes; recreate it")
@@ -197,6 +206,8 @@ class SparseDelta:
             check_index_set(idx, math.prod(shape), f"{path}: {name}")
             if not val.is_floating_point() or val.shape != idx.shape:
                 raise ValueError(f"{path}: {name}.values must be floats, one per index; recreate the file")
+            if not torch.isfinite(val).all():
+                raise ValueError(f"{path}: {name}.values holds NaN or inf; the adapter it came from diverged")
             entries[name] = (idx.long(), val.float())
         base = {k: meta[k] for k in ("base_fingerprint", "base_layout", "base_quantization") if k in meta}
         return cls(entries, shapes, base, str(path))
@@ -355,6 +366,7 @@ def merge_checkpoint(
     fingerprint = _check_base(delta, _fingerprints(entries), force, f"checkpoint {base_dir}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    honour_umask(tmp)
     try:
         for f in base_dir.iterdir():
             if f.is_file() and f.suffix not in _WEIGHT_SUFFIXES and f.name != _INDEX:
@@ -414,9 +426,10 @@ def compose_deltas(
     """
     if rule is not None and rule not in RULES:
         raise ValueError(f"unknown compose rule {rule!r}; choose one of {sorted(RULES)}")
-    if rule is not None and RULES[rule][1] and density is None:
+    if rule is not None and RULES[rule][1] and (density is None or not 0 < density <= 1):
         raise ValueError(
-            f"rule {rule!r} needs density= (the fraction of the union of supports kept per delta, in (0, 1])"
+            f"rule {rule!r} needs density= (the fraction of the union of supports kept per delta) in (0, 1], "
+            f"got {density}"
         )
     deltas = [SparseDelta.load(p) for p in paths]
     if not deltas:

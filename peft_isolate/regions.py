@@ -604,9 +604,12 @@ class IsolationDelta(DeltaSource):
         parts: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in tensors.items():
             m = _ISO_KEY.match(strip_peft_prefix(key))
+            if m is None and "lora_" in key:
+                raise ValueError(f"{adapter}: {key} is a LoRA tensor, not an isolation one: pass it as --lora")
             if m is None:
                 raise ValueError(
-                    f"{adapter}: {key} is not an isolation adapter tensor; is this a LoRA adapter (--lora)?"
+                    f"{adapter}: {key} is not an isolation adapter tensor but a whole module (modules_to_save), "
+                    "which a sparse delta cannot hold: merge such an adapter with merge_and_unload instead"
                 )
             parts.setdefault(f"{m.group(1)}.weight", {})[m.group(2)] = t
         self.entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

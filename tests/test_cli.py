@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import get_peft_model
+from tiny import tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from peft_isolate import IsolationConfig
@@ -30,6 +31,25 @@ def test_export_then_merge_gives_the_merged_model(tiny_dir, load_tiny, tmp_path)
     with torch.no_grad():
         got = AutoModelForCausalLM.from_pretrained(tmp_path / "m")(tokens).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_apply_keeps_a_bf16_checkpoint_bf16_and_its_fingerprint(tiny_dir, tmp_path):
+    """`export --base DIR` fingerprints the checkpoint as stored (bf16 here); `apply DIR` must load it so, not in
+    the CPU default fp32 (which refused as another base), and save it back in bf16, as `merge` does."""
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16).save_pretrained(bf16)
+    tiny_tokenizer().save_pretrained(bf16)
+    model = AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.float32)
+    get_peft_model(
+        model, IsolationConfig(target_modules="all-linear", density=0.1, init_weights=False)
+    ).save_pretrained(tmp_path / "adapter")
+    delta = str(tmp_path / "d.safetensors")
+    assert main(["export", str(tmp_path / "adapter"), "--out", delta, "--base", str(bf16)]) == 0
+    assert main(["apply", str(bf16), delta, "--out", str(tmp_path / "applied")]) == 0
+    assert main(["merge", "--base", str(bf16), "--delta", delta, "--out", str(tmp_path / "merged")]) == 0
+    applied, merged = (AutoModelForCausalLM.from_pretrained(tmp_path / d).state_dict() for d in ("applied", "merged"))
+    assert all(t.dtype == torch.bfloat16 for t in applied.values())
+    assert all(torch.equal(applied[n], merged[n]) for n in merged)
 
 
 EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))

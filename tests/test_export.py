@@ -198,6 +198,12 @@ def test_merge_checkpoint_loads_and_matches_merged_model(adapter, tiny_dir, tmp_
         merge_checkpoint(base, adapter.delta, out)
 
 
+def test_merge_checkpoint_output_is_as_readable_as_a_plain_mkdir(adapter, tiny_dir, tmp_path):
+    merge_checkpoint(tiny_dir, adapter.delta, tmp_path / "merged")
+    (tmp_path / "plain").mkdir()
+    assert (tmp_path / "merged").stat().st_mode == (tmp_path / "plain").stat().st_mode
+
+
 def test_merge_checkpoint_is_atomic(adapter, tiny_dir, tmp_path, monkeypatch):
     def fail(*args):
         raise OSError("disk full")
@@ -215,6 +221,27 @@ def test_truncated_or_foreign_delta_is_a_clear_error(adapter, load_tiny, tmp_pat
         apply_delta(load_tiny(), cut)
     with pytest.raises(ValueError, match="not a peft-isolate sparse-delta file"):
         SparseDelta.load(adapter.dir / "adapter_model.safetensors")
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        SparseDelta.load(adapter.dir)
+
+
+@pytest.mark.parametrize(
+    ("shapes", "values", "message"),
+    [
+        (None, [1.0], "header's `shapes` is missing"),
+        ('{"w": 8}', [1.0], "header's `shapes` is missing or not"),
+        ("{not json", [1.0], "header's `shapes` is missing or not"),
+        ('{"w": [2, 4]}', [float("nan")], "w.values holds NaN or inf"),
+    ],
+)
+def test_bad_delta_header_or_values_is_a_clear_error(tmp_path, shapes, values, message):
+    from safetensors.torch import save_file
+
+    meta = {"format": "peft-isolate/sparse-delta", "version": "1", **({"shapes": shapes} if shapes else {})}
+    path = tmp_path / "bad.safetensors"
+    save_file({"w.indices": torch.tensor([3], dtype=torch.int32), "w.values": torch.tensor(values)}, path, meta)
+    with pytest.raises(ValueError, match=message):
+        SparseDelta.load(path)
 
 
 # ---------------------------------------------------------------------------------------------- compose
@@ -270,6 +297,9 @@ def test_compose_refusals(tmp_path):
         compose_deltas([a, b], tmp_path / "out.safetensors")
     with pytest.raises(ValueError, match="needs density"):
         compose_deltas([a, a], tmp_path / "out.safetensors", rule="ties")
+    for density in (0.0, 1.5):  # DARE rescales by 1 / density: 0 wrote an all-NaN delta
+        with pytest.raises(ValueError, match=r"in \(0, 1\], got"):
+            compose_deltas([a, a], tmp_path / "out.safetensors", rule="dare_ties", density=density)
     with pytest.raises(ValueError, match="unknown compose rule 'mean'.*'sum'"):
         compose_deltas([a, a], tmp_path / "out.safetensors", rule="mean")
     with pytest.raises(ValueError, match="2 weights for 1 deltas"):

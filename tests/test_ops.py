@@ -72,6 +72,23 @@ def test_bfloat16_input_gives_bfloat16_output_and_fp32_value_grads():
     torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=2e-2)  # bf16 input rounding
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autocast_does_not_change_the_sparse_product(dtype):
+    """Under CPU bf16 autocast (Trainer's `bf16=True` evaluation) the product runs as without it, bit for bit:
+    autocast would hand torch's CSR kernels bf16 operands, which they do not implement."""
+    x, train, values, frozen, frozen_values = _case(16, 24, 30, 10, dtype)
+    pattern, grad_out = DeltaPattern(train, frozen, (16, 24)), torch.randn(3, 4, 16).to(dtype)
+    results = []
+    for autocast in (False, True):
+        x.grad = values.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = sparse_delta_linear(x, values, frozen_values, pattern)
+            y.backward(grad_out)
+        results.append((y.detach(), x.grad, values.grad))
+    for plain, autocast in zip(*results, strict=True):
+        assert torch.equal(plain, autocast)
+
+
 def test_empty_support_is_zero_and_keeps_no_graph():
     x = torch.randn(2, 5, requires_grad=True)
     empty = torch.zeros(0, dtype=torch.int32)

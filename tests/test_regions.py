@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from tiny import tiny_llama
 from transformers import LlamaForCausalLM
 
+from peft_isolate import IsolationConfig
 from peft_isolate.cli import main
 from peft_isolate.regions import (
     SCOPES,
@@ -241,8 +242,16 @@ def test_lora_adapter_on_another_base_is_rejected(pair, tmp_path):
         LoraDelta(tmp_path / "lora", base=tmp_path / "wide")
     with pytest.raises(ValueError, match="not in the base"):
         LoraDelta(tmp_path / "lora", base={"other.weight": (2, 2)})
-    with pytest.raises(ValueError, match="not an isolation adapter tensor"):
+    with pytest.raises(ValueError, match="is a LoRA tensor, not an isolation one: pass it as --lora"):
         IsolationDelta(tmp_path / "lora", base=tmp_path / "wide")
+
+
+def test_isolation_adapter_with_modules_to_save_names_what_a_sparse_delta_cannot_hold(pair, tmp_path):
+    base, _, _, _ = pair
+    config = IsolationConfig(target_modules=["q_proj"], density=0.1, modules_to_save=["lm_head"])
+    get_peft_model(copy.deepcopy(base), config).save_pretrained(tmp_path / "iso")
+    with pytest.raises(ValueError, match="lm_head.* a whole module \\(modules_to_save\\).*merge_and_unload"):
+        IsolationDelta(tmp_path / "iso", base=base)
 
 
 def random_regions(seed: int, shapes: dict[str, tuple[int, ...]], density: float) -> CoreRegions:
@@ -330,8 +339,6 @@ def test_regions_cli_for_each_source(pair, tmp_path, capsys):
 
 
 def test_isolation_adapter_saved_by_the_tuner(pair, tmp_path):
-    from peft_isolate import IsolationConfig
-
     base, _, base_dir, _ = pair
     config = IsolationConfig(target_modules=["q_proj", "down_proj"], density=0.1, init_weights=False)
     peft_model = get_peft_model(copy.deepcopy(base), config)

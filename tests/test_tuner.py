@@ -383,6 +383,34 @@ def test_regions_and_frozen_files_set_the_support(load_tiny, tmp_path):
     assert saved["regions"] is None and saved["frozen"] is None  # no machine paths in adapter_config.json
 
 
+def test_regions_adapter_loads_through_any_peft_config_path_and_a_loaded_config_can_be_reused(load_tiny, tmp_path):
+    """A saved config keeps no paths, so every way peft builds it (`PeftConfig.from_pretrained` too) must size the
+    support from the adapter file; and a loaded random-init config reused on a fresh model selects the same support
+    again instead of an empty one."""
+    from peft import PeftConfig
+
+    model = load_tiny()
+    regions = _regions_file(tmp_path / "r.safetensors", model, lambda n: torch.arange(0, n, 7))
+    cfg = IsolationConfig(target_modules="all-linear", init="regions", regions=str(regions), init_weights=False)
+    peft_model = get_peft_model(model, cfg)
+    peft_model.save_pretrained(tmp_path / "regions")
+    expected = logits(peft_model)
+    config = PeftConfig.from_pretrained(tmp_path / "regions")
+    assert config.init == "regions" and config.regions is None
+    assert torch.equal(logits(PeftModel.from_pretrained(load_tiny(), tmp_path / "regions", config=config)), expected)
+
+    random = get_peft_model(load_tiny(), IsolationConfig(target_modules="all-linear", density=0.05, seed=3))
+    random.save_pretrained(tmp_path / "random")
+    config = IsolationConfig.from_pretrained(tmp_path / "random")
+    config.inference_mode = False  # saved configs say inference
+    again = get_peft_model(load_tiny(), config)
+    assert again.get_nb_trainable_parameters()[0] == random.get_nb_trainable_parameters()[0] > 0
+    assert all(
+        torch.equal(a.isolation_indices["default"], b.isolation_indices["default"])
+        for a, b in zip(layers(random).values(), layers(again).values(), strict=True)
+    )
+
+
 def test_regions_file_for_other_shapes_is_refused(load_tiny, tmp_path):
     model = load_tiny()
     shapes = {n: (p.shape[0] * 2, p.shape[1]) for n, p in model.named_parameters() if n.endswith("proj.weight")}
@@ -415,6 +443,14 @@ def test_random_support_avoids_frozen_entries(load_tiny, tmp_path):
         idx = layer.isolation_indices["default"]
         assert idx.numel() == int(0.3 * layer.in_features * layer.out_features)
         assert not torch.isin(idx, layer.isolation_frozen_indices["default"]).any()
+
+
+def test_density_counts_entries_as_core_regions_do():
+    """floor(density x entries) in exact decimal, as `find_core_regions` counts p: 0.29 of 100 is 29 (float: 28)."""
+    model = get_peft_model(
+        torch.nn.Sequential(torch.nn.Linear(10, 10)), IsolationConfig(target_modules=["0"], density=0.29)
+    )
+    assert model.base_model.model[0].isolation_indices["default"].numel() == 29
 
 
 def test_adapter_memory_is_20_bytes_per_trainable_and_9_per_frozen_entry(load_tiny):

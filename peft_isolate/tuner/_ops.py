@@ -133,11 +133,12 @@ class _SparseDeltaLinear(torch.autograd.Function):
         pattern = ctx.pattern
         g2d = grad_out.reshape(-1, pattern.shape[0]).to(ctx.compute_dtype)
         grad_x = grad_values = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.sparse.mm(pattern.transposed_csr(joined_values), g2d.T).T
-            grad_x = grad_x.reshape(*grad_out.shape[:-1], pattern.shape[1]).to(grad_out.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_values = pattern.value_gradient(g2d, x2d, ctx.values_dtype)
+        with torch.autocast(grad_out.device.type, enabled=False):  # a backward called under autocast
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.sparse.mm(pattern.transposed_csr(joined_values), g2d.T).T
+                grad_x = grad_x.reshape(*grad_out.shape[:-1], pattern.shape[1]).to(grad_out.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_values = pattern.value_gradient(g2d, x2d, ctx.values_dtype)
         return grad_x, grad_values, None, None
 
 
@@ -151,7 +152,8 @@ def sparse_delta_linear(
     """
     if pattern.empty:
         return x.new_zeros(*x.shape[:-1], pattern.shape[0])
-    return _SparseDeltaLinear.apply(x, values, frozen_values, pattern)
+    with torch.autocast(x.device.type, enabled=False):  # autocast would cast to bf16, which CPU CSR products lack
+        return _SparseDeltaLinear.apply(x, values, frozen_values, pattern)
 
 
 class _MergedDeltaLinear(torch.autograd.Function):

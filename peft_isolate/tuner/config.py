@@ -34,6 +34,8 @@ class IsolationConfig(PeftConfig):
             of the core-regions file `regions`).
         regions (`str`, *optional*):
             Path to a core-regions file (safetensors) giving the trainable support; requires `init="regions"`.
+            Without one, `init="regions"` starts with an empty support: a loaded adapter sizes it from its file
+            (a saved config keeps no paths), and `add_trainable` opens entries.
         frozen (`str`, *optional*):
             Path to a core-regions file whose entries are locked: never trainable, delta held at zero.
         seed (`int`, defaults to `0`):
@@ -98,12 +100,10 @@ class IsolationConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
-        """Load a saved config; supports are sized from the adapter file, so no regions file is needed."""
+        """Load a saved config, checking first that the adapter file beside it is readable safetensors."""
         path = os.path.join(pretrained_model_name_or_path, subfolder or "")
         weights = os.path.join(path, "adapter_model.safetensors")
         if os.path.isfile(weights):
             with open_tensors(weights):  # a clear error for a truncated file, before any load
                 pass
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        config._from_saved = True
-        return config
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)

@@ -12,7 +12,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from peft.utils.integrations import dequantize_bnb_weight, get_bnb_param_type
 from torch import nn
 
-from ..regions import check_index_set
+from ..regions import check_index_set, core_count
 from ._ops import DeltaPattern, dense_delta, merged_delta_linear, sparse_delta_linear
 from .config import IsolationConfig
 
@@ -64,10 +64,8 @@ class IsolationLayer(BaseTunerLayer):
         empty = torch.zeros(0, dtype=torch.int32, device=device)
         locked = empty if locked is None else locked.to(device)
         check_index_set(locked, numel, f"{module_name}: frozen regions")
-        if getattr(config, "_from_saved", False):
-            indices = empty  # loading: tensors are sized from the adapter file
-        elif indices is None and config.init == "regions":
-            indices = empty  # a module the regions file does not cover: no entries here
+        if indices is None and config.init == "regions":
+            indices = empty  # not in the regions file (or none given, as when loading): sized by a loaded file
         elif indices is None:
             indices = self._select_support(config, locked, module_name)
         indices = indices.to(device)
@@ -92,7 +90,7 @@ class IsolationLayer(BaseTunerLayer):
     def _select_support(self, config: IsolationConfig, locked: torch.Tensor, module_name: str) -> torch.Tensor:
         """The `density` fraction of entries by seeded random score or base magnitude, never a locked one."""
         numel = self.out_features * self.in_features
-        k = min(int(config.density * numel), numel - locked.numel())
+        k = min(core_count(config.density, numel), numel - locked.numel())
         if config.init == "magnitude":
             score = dequantized_weight(self.get_base_layer()).float().abs().flatten()
         else:

@@ -55,8 +55,6 @@ class IsolationModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         """Read the config's regions and frozen files once, inject, then refuse names that matched no layer."""
         config = self.peft_config[adapter_name]
-        if config.init == "regions" and config.regions is None and not getattr(config, "_from_saved", False):
-            raise ValueError("init='regions' needs `regions`: the path of a core-regions .safetensors file")
         self._index_sets = {
             what: _as_index_sets(path) if path else ({}, {})
             for what, path in (("regions", config.regions), ("frozen", config.frozen))
