@@ -226,6 +226,13 @@ def test_base_with_an_accelerate_hook_keeps_its_forward(load_tiny):
     assert Count.calls == 1 and type(y.grad_fn).__name__ != "_MergedDeltaLinearBackward"
 
 
+def test_per_sample_adapter_names_are_refused_not_ignored(load_tiny):
+    peft_model = get_peft_model(load_tiny(), IsolationConfig(target_modules="all-linear", init_weights=False))
+    with pytest.raises(ValueError, match="do not take adapter_names"):
+        peft_model(TOKENS, adapter_names=["default", "__base__"])
+    assert torch.equal(peft_model(TOKENS).logits, peft_model(TOKENS, adapter_names=None).logits)
+
+
 def test_disable_unload_and_multiple_adapters(load_tiny):
     model = load_tiny("fp32")
     base_ref = logits(model)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -101,6 +102,16 @@ class IsolationModel(BaseTuner):
                 "bitsandbytes Linear4bit / Linear8bitLt layers only"
             )
         return Linear(target, adapter_name, config, **kwargs)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs) -> Iterator[None]:
+        """Refuse `adapter_names=` (peft would drop it silently for a tuner without per-sample adapters)."""
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "isolation adapters do not take adapter_names= (one adapter per sample): run one batch per adapter "
+                "with set_adapter(), or use disable_adapter() for the base model"
+            )
+        yield
 
     def _isolation_layers(self):
         for name, module in self.model.named_modules():
