@@ -12,8 +12,9 @@ Parts: `main` (base, probes = single-task evidence, multi-task, multi-stage rand
 CPI-FT adapter mode), `dense` (CPI-FT dense mode, fp32 full fine-tuning), `forgetting` (task A then task B:
 sequential SFT vs CPI-FT with A's core locked, the paper's Table 2), `ablations` (no fusion, no freezing, tau,
 p, sparse probe, cores re-selected between stages, freeze all in dense mode; `--ablations NAME...` picks some).
-`--quick` runs `main` only unless `--parts` says otherwise. Writes bench/results/seesaw.md and seesaw.json, a
-section per size, and seesaw_<size>.png.
+`--quick` runs `main` only unless `--parts` says otherwise. `--eval-items 200` rescores runs already trained on
+200 held-out items per task (the first 48 are the small size's). Writes bench/results/seesaw.md and seesaw.json,
+a section per size, and seesaw_<size>.png.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def recipe(size: dict, tasks: list[str], seed: int, out: Path, model: str, **cha
         "training": {"batch_size": 8, "max_seq_len": size["seq"], "seed": seed, "save_steps": 25},
         "plan": {"seed": seed},
         "baselines": [],
-        "eval": {"max_new_tokens": 16, "batch_size": 16},
+        "eval": {"max_new_tokens": 16, "batch_size": 16, "items": size.get("eval_items")},
         "output_dir": str(out),
     }
     return Recipe.model_validate(_merge(data, changes))
@@ -293,7 +294,7 @@ def goals(aggregate: dict) -> list[str]:
 def write_results(saved: dict) -> str:
     """seesaw.md (a section per size, smallest first) and seesaw.json from every size's runs."""
     lines = ["# Seesaw benchmark", ""]
-    for name in sorted(saved["sizes"], key=list(SIZES).index):
+    for name in sorted(saved["sizes"], key=lambda n: (list(SIZES).index(n.split("-")[0]), n)):
         section, saved["sizes"][name]["aggregate"] = report(name, saved["sizes"][name])
         lines += [*section, ""]
     save_json(saved, RESULTS / "seesaw.json")
@@ -318,25 +319,33 @@ def main() -> None:
         metavar="A>B",
         help="forgetting pairs (default: every ordered pair of the first three tasks)",
     )
+    p.add_argument(
+        "--eval-items",
+        type=int,
+        help="score on this many held-out items per task: rescores finished runs without training again, in a "
+        "section `<size>-eval<N>` of the results",
+    )
     p.add_argument("--forgetting-p", type=float, help="core size p of the forgetting part (default: the recipe's)")
     args = p.parse_args()
     args.seeds = args.seeds or ([0, 1, 2] if args.size == "full" else [0])
     args.parts = args.parts or (["main"] if args.size == "quick" else parts)
-    size = SIZES[args.size]
+    size, name = SIZES[args.size], args.size
+    if args.eval_items:  # the same runs rescored: their own section, so the tables of each item count stay whole
+        size, name = {**size, "eval_items": args.eval_items}, f"{args.size}-eval{args.eval_items}"
     start = time.time()
     out = runs(args, size)
     path = RESULTS / "seesaw.json"
     saved = json.loads(path.read_text()) if path.exists() else {"sizes": {}}
-    saved["sizes"][args.size] = {
+    saved["sizes"][name] = {
         "size": size,
-        "runs": merged(saved, args.size, size, out),
+        "runs": merged(saved, name, size, out),
         "command": f"python bench/seesaw.py {' '.join(sys.argv[1:])}",
         "minutes": (time.time() - start) / 60,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (2 cores)",
         "date": time.strftime("%Y-%m-%d"),
     }
     print(write_results(saved))
-    written = [str(RESULTS / f) for f in ("seesaw.md", "seesaw.json", f"seesaw_{args.size}.png")]
+    written = [str(RESULTS / f) for f in ("seesaw.md", "seesaw.json", f"seesaw_{name}.png")]
     print(json.dumps({"written": [f for f in written if Path(f).exists()]}))
 
 

@@ -27,7 +27,8 @@ import torch
 from datasets import Dataset, DatasetDict, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
-RG_PREFIX = "reasoning_gym:"
+from .recipe import RG_PREFIX
+
 DEFAULT_INSTRUCTION = "Answer with only the final answer."
 HELD_OUT_FRACTION = 0.1
 

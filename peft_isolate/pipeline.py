@@ -152,7 +152,7 @@ def load_run(recipe: Recipe) -> Run:
             name,
             config=spec.config,
             train=spec.train,
-            eval=spec.eval,
+            eval=recipe.eval.items or spec.eval,
             seed=spec.seed,
             eval_source=spec.eval_source,
         )

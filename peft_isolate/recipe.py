@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 TASK_NAME = re.compile(r"[A-Za-z0-9_-]+")  # task names become file names
+RG_PREFIX = "reasoning_gym:"  # a task source naming a reasoning-gym generator
 
 
 class _Section(BaseModel):
@@ -123,6 +124,12 @@ class EvalSpec(_Section):
     max_new_tokens: int = Field(32, gt=0, description="greedy generation length")
     batch_size: int = Field(16, gt=0, description="generation batch size")
     stages: bool = Field(False, description="also score every earlier stage as `<method>@<k>` (forgetting)")
+    items: int | None = Field(
+        None,
+        gt=0,
+        description="score on this many held-out items per task instead of each task's `eval`: rescores a finished "
+        "run without redoing any training (a task's training items never depend on its eval count)",
+    )
 
 
 Baseline = Literal["multitask", "multistage_random", "multistage_given", "single_task", "lora_multitask"]
@@ -174,6 +181,14 @@ class Recipe(_Section):
             raise ValueError(
                 "plan.freeze: all locks every other group's core, and in adapter mode the support is the union of "
                 "the cores, so later groups could never train their shared entries; use freeze: previous"
+            )
+        held_out = [
+            t for t, spec in self.tasks.items() if not spec.source.startswith(RG_PREFIX) and not spec.eval_source
+        ]
+        if self.eval.items and held_out:
+            raise ValueError(
+                f"eval.items: task {held_out[0]!r} holds its eval items out of its source, so their count changes "
+                "its training data; set that task's eval (which retrains), or give it an eval_source"
             )
         if ("multistage_given" in self.baselines or self.plan.order == "given") and not self.plan.groups:
             raise ValueError("multistage_given and plan.order: given need plan.groups (a list of task-name lists)")

@@ -17,7 +17,11 @@ from peft_isolate.regions import CoreRegions
 
 def _write_task(path, make, n=48, seed=0):
     rng = random.Random(seed)
-    path.write_text("\n".join(json.dumps(make(rng)) for _ in range(n)) + "\n")
+    return _write_lines(path, [make(rng) for _ in range(n)])
+
+
+def _write_lines(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return str(path)
 
 
@@ -147,6 +151,33 @@ def test_a_data_file_edited_in_place_redoes_its_task_probe(recipe_file):
     after = json.loads((out / "state.json").read_text())
     assert after["probes:upper"] != before["probes:upper"]
     assert after["probes:count"] == before["probes:count"]
+
+
+def test_eval_items_rescores_a_finished_run_without_training_again(recipe_file, tmp_path):
+    """`eval.items` scores on more held-out items; no training step's key moves. Each task's eval file has 8 rows
+    answered with the task's majority training answer, then 8 with another, so the majority baseline reads
+    which items were scored: 1.0 over the first 8, 0.5 over 16."""
+    from collections import Counter
+
+    with pytest.raises(ValueError, match="eval.items: task '(upper|count)' holds its eval items out of its source"):
+        load_recipe(recipe_file, ["eval.items=16"])
+    data = yaml.safe_load(recipe_file.read_text())
+    for name, task in data["tasks"].items():
+        rows = [json.loads(line) for line in Path(task["source"]).read_text().splitlines()]
+        common = Counter(r["response"] for r in rows).most_common(1)[0][0]
+        held = [{"prompt": f"{name} {i}", "response": common if i < 8 else "none of these"} for i in range(16)]
+        task["eval_source"] = _write_lines(tmp_path / f"{name}-eval.jsonl", held)
+    data |= {"baselines": [], "eval": {**data["eval"], "stages": False}}
+    recipe_file.write_text(yaml.safe_dump(data))
+    state = Path(data["output_dir"]) / "state.json"
+    first = run_pipeline(load_recipe(recipe_file))
+    before = json.loads(state.read_text())
+    again = run_pipeline(load_recipe(recipe_file, ["eval.items=16"]))
+    after = json.loads(state.read_text())
+    assert first["majority"] == {"upper": 1.0, "count": 1.0} and again["majority"] == {"upper": 0.5, "count": 0.5}
+    trained = [k for k in before if not k.startswith("eval:")]
+    assert trained and all(after[k] == before[k] for k in trained)
+    assert all(after[k] != before[k] for k in before if k.startswith("eval:"))
 
 
 def test_sparse_probes_share_one_support_and_the_plan_takes_chance_within_it(recipe_file):
