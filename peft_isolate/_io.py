@@ -105,12 +105,18 @@ def save_json(obj: Any, path: str | os.PathLike) -> Path:
     return write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n"))
 
 
-def load_json(path: str | os.PathLike) -> Any:
+def existing_file(path: str | os.PathLike) -> Path:
+    """`path` as a Path, or a clear error when it is missing or a directory."""
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory, not a safetensors file")
+        raise IsADirectoryError(f"{path} is a directory, not a file")
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
+    return path
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    path = existing_file(path)
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -127,11 +133,7 @@ def save_tensors(
 
 def open_tensors(path: str | os.PathLike):
     """Open a safetensors file lazily, turning a truncated or corrupt file into a clear error."""
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory, not a safetensors file")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+    path = existing_file(path)
     try:
         return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError) as e:

@@ -182,12 +182,12 @@ class Recipe(_Section):
                 "plan.freeze: all locks every other group's core, and in adapter mode the support is the union of "
                 "the cores, so later groups could never train their shared entries; use freeze: previous"
             )
-        held_out = [
-            t for t, spec in self.tasks.items() if not spec.source.startswith(RG_PREFIX) and not spec.eval_source
-        ]
+        held_out = next(
+            (t for t, s in self.tasks.items() if not s.source.startswith(RG_PREFIX) and not s.eval_source), None
+        )
         if self.eval.items and held_out:
             raise ValueError(
-                f"eval.items: task {held_out[0]!r} holds its eval items out of its source, so their count changes "
+                f"eval.items: task {held_out!r} holds its eval items out of its source, so their count changes "
                 "its training data; set that task's eval (which retrains), or give it an eval_source"
             )
         if ("multistage_given" in self.baselines or self.plan.order == "given") and not self.plan.groups:
