@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -27,60 +28,116 @@ def honour_umask(path: Path) -> None:
     os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_UMASK)
 
 
+_STALE = re.compile(r"\.(?P<name>.+)\.(?:[a-z0-9_]{8}\.tmp|old)")  # what a killed atomic write leaves: see below
+
+
+def _remove(leftover: Path) -> None:
+    if leftover.is_dir() and not leftover.is_symlink():
+        shutil.rmtree(leftover, ignore_errors=True)
+    else:
+        leftover.unlink(missing_ok=True)
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove what an earlier write of `path` that was killed (SIGKILL, power loss) left beside it: its
+    `.<name>.<random>.tmp` temporary and, for a folder, `.<name>.old`."""
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        if (m := _STALE.fullmatch(leftover.name)) and m["name"] == path.name:
+            _remove(leftover)
+
+
+def remove_stale_temporaries(root: Path) -> list[Path]:
+    """Remove, anywhere below `root`, the temporaries killed atomic writes left (names only this module makes:
+    `.<name>.<8 random characters>.tmp` and `.<name>.old`). Returns what was removed."""
+    found = [Path(d) / n for d, dirs, files in os.walk(root) for n in dirs + files if _STALE.fullmatch(n)]
+    for leftover in found:
+        _remove(leftover)
+    return found
+
+
+def _durable(path: Path) -> None:
+    """fsync a file, or a folder with everything below it, before a rename publishes it."""
+    for f in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        _fsync(f)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         try:
             yield Path(tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+            _durable(Path(tmp))
             honour_umask(Path(tmp))
         except (OSError, SafetensorError) as e:
             if (err := write_error(path, e)) is e:
                 raise
             raise err from e
         os.replace(tmp, path)
-        _fsync_dir(path.parent)  # the rename itself survives a crash
+        _fsync(path.parent)  # the rename itself survives a crash
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; it replaces `path` only if the block succeeds, else it is removed
-    and an I/O failure is re-raised naming `path`."""
+def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; it becomes `path` only if the block succeeds, else it is removed
+    and an I/O failure is re-raised naming `path`. `replace=False`: `path` must not exist or be an empty folder
+    (a FileExistsError otherwise, also when another process made it first)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove_stale(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    honour_umask(tmp)
     try:
-        yield tmp
-    except BaseException as e:
+        try:
+            yield tmp
+            _durable(tmp)
+        except BaseException as e:
+            if (err := write_error(path, e)) is e:
+                raise
+            raise err from e
+        if not replace:
+            try:
+                os.rename(tmp, path)  # onto an empty folder or nothing; refuses a non-empty one
+            except OSError as e:
+                raise FileExistsError(f"{path} exists and is not empty: remove it or choose another one") from e
+        else:
+            old = path.with_name(f".{path.name}.old")  # the previous folder stays whole until the new one is in place
+            if path.exists():
+                path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync(path.parent)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if (err := write_error(path, e)) is e:
-            raise
-        raise err from e
-    old = path.with_name(f".{path.name}.old")  # the previous folder stays whole until the new one is in place
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    _fsync_dir(path.parent)
-    shutil.rmtree(old, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def check_new_output(path: str | os.PathLike, directory: bool) -> Path:
+    """`path` as a Path if something new may be written there: not a symlink, and for a `directory` absent or an
+    empty folder; else a one-line error saying why (nothing the tool did not write is ever overwritten)."""
+    path = Path(path)
+    if path.is_symlink():
+        raise FileExistsError(f"{path} is a symbolic link: give the real path of a new output")
+    if directory and path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} exists and is not empty: remove it or choose another output directory")
+    if not directory and path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory: give a file name for the output")
+    return path
 
 
 def write_error(path: str | os.PathLike, e: BaseException) -> BaseException:
@@ -226,6 +283,10 @@ class TensorReader:
             raise KeyError(f"{self.path} has no tensor {name!r}")
         return self._header[name]
 
+    def data_offset(self, name: str) -> int:
+        """Where tensor `name`'s bytes start in the file."""
+        return self._data_start + self._entry(name)["data_offsets"][0]
+
     def read(self, name: str, start: int = 0, count: int | None = None) -> torch.Tensor:
         """Flat elements [start, start + count) of tensor `name` (all of it by default), in its dtype."""
         dtype = self.dtype(name)
@@ -235,7 +296,7 @@ class TensorReader:
             raise IndexError(f"{name}: range [{start}, {start + count}) outside its {numel} elements")
         out = torch.empty(count, dtype=dtype)
         buf = memoryview(out.view(torch.uint8).numpy()) if count else memoryview(b"")
-        offset = self._data_start + self._entry(name)["data_offsets"][0] + start * out.element_size()
+        offset = self.data_offset(name) + start * out.element_size()
         done = 0
         while done < len(buf):
             n = os.preadv(self._fd, [buf[done:]], offset + done)
@@ -262,3 +323,29 @@ class TensorReader:
 
     def __del__(self) -> None:
         self.close()
+
+
+def save_pretrained_atomic(model, path: Path, tokenizer=None, state_dict=None) -> Path:
+    """`save_pretrained` into a temporary folder, then swap it in: a crash never leaves half an artifact."""
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp, state_dict=state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return path
+
+
+def artifact_damage(artifact: Path) -> str | None:
+    """Why a step's artifact (a file or a folder) cannot be trusted, or None: missing, or one of its
+    safetensors files has a bad header or is shorter than its header says, or a JSON file does not parse."""
+    if not artifact.exists():
+        return f"{artifact} is missing"
+    files = sorted(p for p in artifact.rglob("*") if p.is_file()) if artifact.is_dir() else [artifact]
+    for f in files:
+        try:
+            if f.suffix == ".safetensors":
+                TensorReader(f).close()
+            elif f.suffix == ".json":
+                load_json(f)
+        except (OSError, ValueError) as e:
+            return str(e)
+    return None

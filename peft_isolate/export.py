@@ -1,26 +1,10 @@
 """Export: standalone sparse-delta files, applied to a loaded model, stream-merged into checkpoints, composed.
 
-Sparse-delta file format (``peft-isolate/sparse-delta``, version 1)
--------------------------------------------------------------------
-A plain safetensors file; reading it needs only ``safetensors`` and ``json``. For every changed weight
-``W`` of the base model, under its full parameter name (e.g. ``model.layers.0.self_attn.q_proj.weight``):
-
-- ``<name>.indices``: int32 ``[k]``, sorted unique flat positions into ``W`` (row-major, ``W.reshape(-1)``);
-- ``<name>.values``: float ``[k]`` (float32 unless exported as float16/bfloat16), the delta at those positions.
-
-Header metadata (safetensors ``__metadata__``, all strings):
-
-- ``format``: ``"peft-isolate/sparse-delta"``; ``version``: ``"1"``;
-- ``shapes``: JSON ``{name: [dims]}``, the shape of each ``W``;
-- ``base_fingerprint`` (optional): sha256 hex of the base the delta was made for: of the UTF-8 JSON
-  ``json.dumps(sorted([name, shape, dtype, quant] ...), separators=(",", ":"))`` over every parameter and
-  persistent buffer, where ``dtype`` is the torch name without ``torch.`` (``"float32"``), and for
-  bitsandbytes weights ``shape``/``dtype`` are the unquantized ones and ``quant`` is ``"nf4"``, ``"fp4"`` or
-  ``"int8"`` (else ``"none"``);
-- ``base_layout`` (optional): the same hash over ``[name, shape]`` only (same model at another precision);
-- ``base_quantization`` (optional): the base's quantization types, comma-separated (``"none"`` if none).
-
-Applying it without peft-isolate::
+The file format (``peft-isolate/sparse-delta``, versions 1 and 2) is specified in docs/formats.md. In short: a
+plain safetensors file with, per changed weight ``W`` (full parameter name), its flat positions into
+``W.reshape(-1)`` (``<name>.indices`` int32, or ``<name>.gaps`` in a compact encoding) and ``<name>.values``;
+header metadata says the shapes and which base the delta was made for (names, shapes, dtypes and, from version 2,
+sampled content). Applying it without peft-isolate (plain indices)::
 
     import json
     from safetensors import safe_open
@@ -38,9 +22,8 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,13 +34,19 @@ from peft.utils import merge_utils
 from peft.utils.integrations import get_bnb_param_type
 from torch import nn
 
-from ._io import TensorReader, honour_umask, load_json, load_tensors, save_tensors
-from .regions import IsolationDelta, _Checkpoint, check_index_set
-from .tuner.layer import _store_weight, dequantized_weight
+from ._io import TensorReader, atomic_dir, check_new_output, load_json, load_tensors, save_tensors
+from .regions import Checkpoint, IsolationDelta, as_index_set, read_adapter_config
+from .tuner.layer import dequantized_weight, store_weight
 
 FORMAT = "peft-isolate/sparse-delta"
-VERSION = "1"
+VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
 INT32_MAX = 2**31 - 1
+SAMPLES = 16  # sampled entries per tensor in a version-2 content fingerprint
+# median relative distance of the sampled entries under which two bases have the same weights: nf4 rounds
+# weights by about a tenth, bf16 by a few thousandths; independently trained weights differ by about sqrt(2)
+CONTENT_TOLERANCE = {"quantized": 0.25, "full": 0.05}
+MERGE_RECORD = "peft_isolate_deltas"  # config.json key listing the deltas a merged checkpoint holds
 _WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf"}
 _INDEX = "model.safetensors.index.json"
 
@@ -102,17 +91,17 @@ def _model_entries(model: nn.Module) -> dict[str, tuple[tuple[int, ...], str, st
     return out
 
 
-def _open_checkpoint(path: str | os.PathLike) -> _Checkpoint:
+def _open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """The tensors of a full-precision safetensors checkpoint (directory or file); pre-quantized ones are refused."""
     config = Path(path) / "config.json"
     if config.is_file() and load_json(config).get("quantization_config"):
         raise ValueError(
             f"{path} is a pre-quantized checkpoint; use its full-precision original, or pass the loaded model"
         )
-    return _Checkpoint(path)
+    return Checkpoint(path)
 
 
-def _checkpoint_entries(ckpt: _Checkpoint) -> dict[str, tuple[tuple[int, ...], str, str]]:
+def _checkpoint_entries(ckpt: Checkpoint) -> dict[str, tuple[tuple[int, ...], str, str]]:
     return {n: (r.shape(n), _dtype_name(r.dtype(n)), "none") for n, r in ckpt.where.items()}
 
 
@@ -139,22 +128,103 @@ def base_fingerprint(model_or_checkpoint: Base) -> str:
     return _fingerprints(_entries(model_or_checkpoint))["base_fingerprint"]
 
 
-def _check_base(delta: SparseDelta, base: dict[str, str], force: bool, what: str) -> str:
-    """Compare a delta's recorded base with `base`; raise unless `force`. Returns "match", "forced" or "unknown"."""
-    recorded = delta.base.get("base_fingerprint")
-    if recorded is None:
+def sample_positions(numel: int, count: int = SAMPLES) -> list[int]:
+    """The flat positions a content fingerprint reads in a tensor of `numel` entries: `count` evenly spaced."""
+    n = min(count, numel)
+    return [i * numel // n for i in range(n)]
+
+
+def _model_samples(model: nn.Module, names: Collection[str] | None = None) -> dict[str, list[float]]:
+    """A model's floating parameters (dequantized for bitsandbytes) at their `sample_positions`."""
+    out = {}
+    for name, param in model.named_parameters():
+        if names is not None and name not in names:
+            continue
+        if get_bnb_param_type(param):
+            flat = dequantized_weight(model.get_submodule(name.rpartition(".")[0])).reshape(-1)
+        elif param.is_floating_point():
+            flat = param.detach().reshape(-1)
+        else:
+            continue
+        out[name] = flat[torch.tensor(sample_positions(flat.numel()), device=flat.device)].float().tolist()
+    return out
+
+
+def _checkpoint_samples(ckpt: Checkpoint, names: Collection[str] | None = None) -> dict[str, list[float]]:
+    """A checkpoint's floating tensors at their `sample_positions`: a few small reads per tensor, whatever its size."""
+    out = {}
+    for name, reader in ckpt.where.items():
+        if (names is None or name in names) and reader.dtype(name).is_floating_point:
+            numel = math.prod(reader.shape(name))
+            out[name] = [float(reader.read(name, i, 1).float()) for i in sample_positions(numel)]
+    return out
+
+
+def _samples(base: Base, names: Collection[str] | None = None) -> dict[str, list[float]]:
+    return (
+        _model_samples(base, names)
+        if isinstance(base, nn.Module)
+        else _checkpoint_samples(_open_checkpoint(base), names)
+    )
+
+
+def _content_field(samples: dict[str, list[float]]) -> str:
+    """The header's `base_content`: every tensor's sampled values, to 7 significant digits."""
+    values = {n: [float(f"{v:.7g}") for v in vals] for n, vals in samples.items()}
+    return json.dumps({"samples": SAMPLES, "values": values}, separators=(",", ":"))
+
+
+def content_distance(recorded: Mapping[str, Sequence[float]], here: Mapping[str, Sequence[float]]) -> float:
+    """Median over the tensors both hold of the relative distance |a - b| / max(|a|, |b|) of their sampled values:
+    about 0 for the same weights (up to quantization), about sqrt(2) for independently trained ones."""
+    distances = []
+    for name in recorded.keys() & here.keys():
+        a, b = torch.tensor(recorded[name], dtype=torch.float64), torch.tensor(here[name], dtype=torch.float64)
+        if a.shape != b.shape:
+            return math.inf
+        scale = max(float(a.norm()), float(b.norm()))
+        distances.append(float((a - b).norm()) / scale if scale else 0.0)
+    return float(torch.tensor(distances).median()) if distances else math.inf
+
+
+def _check_base(
+    delta: SparseDelta,
+    base: dict[str, str],
+    samples: Callable[[Collection[str]], dict[str, list[float]]],
+    force: bool,
+    what: str,
+) -> str:
+    """Compare a delta's recorded base with `base` (names, shapes, dtypes, then sampled content); raise unless
+    `force`. Returns "match", "forced" or "unknown" (the delta records no base)."""
+    if delta.base.get("base_fingerprint") is None:
         return "unknown"
-    if recorded == base["base_fingerprint"]:
-        return "match"
-    if delta.base.get("base_layout") == base["base_layout"]:
+    why = None
+    if delta.base.get("base_layout") != base["base_layout"]:
+        why = "its parameter names or shapes differ"
+    elif "base_content" not in delta.base:
+        warnings.warn(
+            f"{delta.path} is a version-1 sparse delta: it records its base's names, shapes and dtypes only, so "
+            "another model of this architecture cannot be told apart; re-export it to record the base's content",
+            stacklevel=3,
+        )
+    else:
+        recorded = json.loads(delta.base["base_content"])["values"]
+        distance = content_distance(recorded, samples(recorded.keys()))
+        made, here = delta.base.get("base_quantization", "none"), base["base_quantization"]
+        tolerance = CONTENT_TOLERANCE["full" if made == here == "none" else "quantized"]
+        if distance > tolerance:
+            why = (
+                f"same names and shapes but other weights (sampled entries differ by a median relative distance of "
+                f"{distance:.3g}, over the {tolerance} that rounding explains)"
+            )
+    if why is None and delta.base["base_fingerprint"] != base["base_fingerprint"]:
         made, here = delta.base.get("base_quantization", "none"), base["base_quantization"]
         other = "dtypes" if made == here else f"quantization (delta made on {made}, this base {here})"
         why = (
-            f"same names and shapes, other {other}, so the result differs from the trained model by the rounding "
-            "between the two"
+            f"same weights, other {other}, so the result differs from the trained model by the rounding between the two"
         )
-    else:
-        why = "its parameter names or shapes differ"
+    if why is None:
+        return "match"
     if not force:
         raise ValueError(
             f"{delta.path} was made for another base than {what}: {why}; to apply it anyway pass force=True "
@@ -164,7 +234,60 @@ def _check_base(delta: SparseDelta, base: dict[str, str], force: bool, what: str
     return "forced"
 
 
+def _file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _merge_records(delta: SparseDelta, records: Any, force: bool, what: str) -> list[dict[str, Any]]:
+    """The record of deltas merged into `what` (its config's `peft_isolate_deltas`) with `delta` added; a delta it
+    already holds is refused unless `force` (it would be added twice)."""
+    records = list(records) if isinstance(records, list) else []
+    sha = _file_sha256(delta.path)
+    if any(isinstance(r, dict) and r.get("sha256") == sha for r in records):
+        if not force:
+            raise ValueError(
+                f"{what} already holds {delta.path} (its config lists the deltas merged into it): applying it again "
+                "would add it twice; to do so anyway pass force=True (CLI: --force)"
+            )
+        warnings.warn(f"adding {delta.path} to {what} a second time", stacklevel=3)
+    entries = sum(i.numel() for i, _ in delta.entries.values())
+    return [*records, {"file": Path(delta.path).name, "sha256": sha, "entries": entries}]
+
+
 # ------------------------------------------------------------------------------------------ the file
+
+
+_GAP_DTYPES = (torch.uint8, torch.uint16)
+_BASE_FIELDS = ("base_fingerprint", "base_layout", "base_quantization", "base_content")
+
+
+def encode_gaps(indices: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Sorted flat indices as their gaps (the first from 0) in the smallest unsigned type that makes the file
+    smallest; a gap of that type's maximum or more is written as the maximum and its true value goes, in order,
+    into `escaped` (int32). `{}` when plain int32 indices are as small."""
+    gaps = torch.diff(indices.long(), prepend=torch.zeros(1, dtype=torch.long))
+    best, size = {}, 4 * gaps.numel()
+    for dtype in _GAP_DTYPES:
+        top = torch.iinfo(dtype).max
+        big = gaps >= top
+        cost = gaps.numel() * dtype.itemsize + 4 * int(big.sum())
+        if cost < size:
+            best, size = {"gaps": gaps.clamp(max=top).to(dtype), "escaped": gaps[big].to(torch.int32)}, cost
+    return best
+
+
+def decode_gaps(gaps: torch.Tensor, escaped: torch.Tensor) -> torch.Tensor:
+    """Inverse of `encode_gaps`: int64 flat indices."""
+    wide = gaps.long()
+    big = wide == torch.iinfo(gaps.dtype).max
+    if int(big.sum()) != escaped.numel():
+        raise ValueError(f"{int(big.sum())} escaped gaps but {escaped.numel()} escape values")
+    wide[big] = escaped.long()
+    return wide.cumsum(0)
 
 
 @dataclass
@@ -178,16 +301,17 @@ class SparseDelta:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SparseDelta:
-        """Read and check a sparse-delta file (format, version, index sets, value counts)."""
+        """Read and check a sparse-delta file of either version (format, index sets, values)."""
         tensors, meta = load_tensors(path)
         if meta.get("format") != FORMAT:
             raise ValueError(
                 f"{path} is not a peft-isolate sparse-delta file (format {meta.get('format')!r}); "
                 "make one with export_delta (`peft-isolate export`)"
             )
-        if meta.get("version") != VERSION:
+        if meta.get("version") not in READABLE_VERSIONS:
             raise ValueError(
-                f"{path} has sparse-delta version {meta.get('version')}; this peft-isolate reads {VERSION}"
+                f"{path} has sparse-delta version {meta.get('version')}; this peft-isolate reads versions "
+                f"{', '.join(READABLE_VERSIONS)}: upgrade peft-isolate"
             )
         try:
             shapes = {n: tuple(int(d) for d in s) for n, s in json.loads(meta["shapes"]).items()}
@@ -195,32 +319,54 @@ class SparseDelta:
             raise ValueError(
                 f"{path}: its header's `shapes` is missing or not {{name: [dims]}} ({e!r}); recreate the file"
             ) from e
-        stray = set(tensors) - {f"{n}.{part}" for n in shapes for part in ("indices", "values")}
+        parts = ("indices", "values", "gaps", "escaped")
+        stray = set(tensors) - {f"{n}.{part}" for n in shapes for part in parts}
         if stray:
             raise ValueError(f"{path}: tensor {sorted(stray)[0]} is not listed in the header's shapes; recreate it")
         entries = {}
-        for name, shape in shapes.items():
-            idx, val = tensors.get(f"{name}.indices"), tensors.get(f"{name}.values")
+        for name in shapes:
+            val, idx = tensors.get(f"{name}.values"), tensors.get(f"{name}.indices")
+            gaps, escaped = tensors.get(f"{name}.gaps"), tensors.get(f"{name}.escaped", torch.zeros(0))
+            if idx is None and gaps is not None and gaps.dtype in _GAP_DTYPES and not escaped.is_floating_point():
+                try:
+                    idx = decode_gaps(gaps, escaped)
+                except ValueError as e:
+                    raise ValueError(f"{path}: {name}: {e}; recreate the file") from None
             if idx is None or val is None:
-                raise ValueError(f"{path}: {name} lacks its .indices or .values tensor; recreate the file")
-            check_index_set(idx, math.prod(shape), f"{path}: {name}")
-            if not val.is_floating_point() or val.shape != idx.shape:
-                raise ValueError(f"{path}: {name}.values must be floats, one per index; recreate the file")
-            if not torch.isfinite(val).all():
-                raise ValueError(f"{path}: {name}.values holds NaN or inf; the adapter it came from diverged")
-            entries[name] = (idx.long(), val.float())
-        base = {k: meta[k] for k in ("base_fingerprint", "base_layout", "base_quantization") if k in meta}
-        return cls(entries, shapes, base, str(path))
+                raise ValueError(f"{path}: {name} lacks its .indices (or uint8/uint16 .gaps) or .values; recreate it")
+            entries[name] = (idx, val)
+        base = {k: meta[k] for k in _BASE_FIELDS if k in meta}
+        delta = cls(entries, shapes, base, str(path))
+        delta.check()
+        return delta
 
-    def save(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
-        """Write the delta as a sparse-delta file, values in `dtype`, atomically."""
+    def check(self) -> None:
+        """Raise a ValueError naming the tensor unless every entry is a sorted unique index set inside its weight
+        with one finite float value per index; makes the indices int64 and the values fp32. Run before any write
+        and after every read."""
+        for name, (idx, val) in self.entries.items():
+            if name not in self.shapes:
+                raise ValueError(f"{self.path}: {name} has no shape in the delta's shapes")
+            numel = math.prod(self.shapes[name])
+            if numel > INT32_MAX:
+                raise ValueError(f"{name} has more than 2**31 - 1 entries: int32 flat indices cannot address it")
+            idx = as_index_set(idx, numel, f"{self.path}: {name}")
+            if not val.is_floating_point() or val.shape != idx.shape:
+                raise ValueError(f"{self.path}: {name}.values must be floats, one per index")
+            if not torch.isfinite(val).all():
+                raise ValueError(f"{self.path}: {name}.values holds NaN or inf; the adapter it came from diverged")
+            self.entries[name] = (idx.long(), val.float())
+
+    def save(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32, compact: bool = False) -> Path:
+        """Check the delta, then write it atomically as a version-2 file, values in `dtype`; `compact` writes the
+        indices as gaps in the smallest integer type (see `encode_gaps`) where that is smaller."""
         if not dtype.is_floating_point:
             raise ValueError(f"values dtype must be a float type (float32, bfloat16, float16), got {dtype}")
+        self.check()
         tensors = {}
         for name, (idx, val) in self.entries.items():
-            if math.prod(self.shapes[name]) > INT32_MAX:
-                raise ValueError(f"{name} has more than 2**31 - 1 entries: int32 flat indices cannot address it")
-            tensors[f"{name}.indices"] = idx.to(torch.int32)
+            parts = (encode_gaps(idx) if compact else {}) or {"indices": idx.to(torch.int32)}
+            tensors |= {f"{name}.{part}": t for part, t in parts.items() if t.numel() or part != "escaped"}
             tensors[f"{name}.values"] = val.to(dtype)
         meta = {"format": FORMAT, "version": VERSION, "shapes": json.dumps(self.shapes), **self.base}
         return save_tensors(tensors, path, metadata=meta)
@@ -248,14 +394,16 @@ def export_delta(
     out_path: str | os.PathLike,
     dtype: torch.dtype = torch.float32,
     base: Base | None = None,
+    compact: bool = False,
 ) -> dict[str, Any]:
     """Write an isolation adapter's delta (trainable + frozen parts) as a standalone sparse-delta file.
 
     `base` (checkpoint path or loaded model) gives the weight shapes and the fingerprint; without it the
-    adapter's recorded `base_model_name_or_path` is used when it is a local checkpoint.
+    adapter's recorded `base_model_name_or_path` is used when it is a local checkpoint. `compact` writes the
+    indices as gaps (see `SparseDelta.save`).
     """
     if base is None:
-        recorded = load_json(Path(adapter_dir) / "adapter_config.json").get("base_model_name_or_path")
+        recorded = read_adapter_config(adapter_dir).get("base_model_name_or_path")
         if not recorded or not Path(recorded).is_dir():
             raise ValueError(
                 f"{adapter_dir} records base {recorded!r}, which is not a local checkpoint: pass base= "
@@ -264,13 +412,15 @@ def export_delta(
         base = recorded
     entries = _entries(base)
     source = IsolationDelta(adapter_dir, {n: s for n, (s, _, _) in entries.items()})
-    delta = SparseDelta(source.entries, source.shapes(), _fingerprints(entries))
-    delta.save(out_path, dtype)
+    fields = _fingerprints(entries) | {"base_content": _content_field(_samples(base))}
+    delta = SparseDelta(source.entries, source.shapes(), fields)
+    delta.save(out_path, dtype, compact)
     return {
         "path": str(out_path),
         "tensors": len(delta.entries),
         "entries": sum(i.numel() for i, _ in delta.entries.values()),
         "dtype": _dtype_name(dtype),
+        "bytes": Path(out_path).stat().st_size,
         "base_fingerprint": delta.base["base_fingerprint"],
         "base_quantization": delta.base["base_quantization"],
     }
@@ -289,13 +439,16 @@ def _add_entries(flat: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> No
 def apply_delta(model: nn.Module, path: str | os.PathLike, force: bool = False) -> dict[str, Any]:
     """Add a sparse-delta file to a loaded model in place; bnb 4-/8-bit weights are dequantized, added, requantized.
 
-    Refuses a delta made for other shapes (naming the tensor) or, unless `force`, another base fingerprint.
-    The report's `rounding` gives max/mean |requantized - intended| over the requantized weights.
+    Refuses a delta made for other shapes (naming the tensor) or, unless `force`, another base (names, shapes,
+    dtypes, sampled content) or a delta the model's config lists as merged already; the model's config then lists
+    this one too (`peft_isolate_deltas`, saved in config.json). The report's `rounding` gives max/mean
+    |requantized - intended| over the requantized weights.
     """
     delta = SparseDelta.load(path)
     entries = _model_entries(model)
     delta.check_fits(entries, "the model")
-    fingerprint = _check_base(delta, _fingerprints(entries), force, "this model")
+    fingerprint = _check_base(delta, _fingerprints(entries), lambda n: _model_samples(model, n), force, "this model")
+    records = _merge_records(delta, getattr(model.config, MERGE_RECORD, None), force, "the model")
     max_err, err_sum, err_count, delta_max = 0.0, 0.0, 0, 0.0
     with torch.no_grad():
         for name, (idx, val) in delta.entries.items():
@@ -306,12 +459,13 @@ def apply_delta(model: nn.Module, path: str | os.PathLike, force: bool = False) 
                 continue
             intended = dequantized_weight(module).float().clone()
             _add_entries(intended.view(-1), idx, val)
-            _store_weight(module, intended.clone())  # the layer may keep the tensor it is given
+            store_weight(module, intended.clone())  # the layer may keep the tensor it is given
             err = (dequantized_weight(module).float() - intended).abs()
             max_err = max(max_err, float(err.max()))
             err_sum += float(err.sum())
             err_count += err.numel()
             delta_max = max(delta_max, float(val.abs().max())) if val.numel() else delta_max
+    setattr(model.config, MERGE_RECORD, records)  # saved with the model: base X + [A] refuses a second A
     return {
         "tensors": len(delta.entries),
         "entries": sum(i.numel() for i, _ in delta.entries.values()),
@@ -335,7 +489,7 @@ def _merge_shard(src: TensorReader, dst: Path, delta: SparseDelta) -> int:
             tensor = src.read(name)
             _add_entries(tensor, *delta.entries[name])
             raw = memoryview(tensor.view(torch.uint8).numpy())
-            offset = src._data_start + src._entry(name)["data_offsets"][0]
+            offset = src.data_offset(name)
             done = 0
             while done < len(raw):
                 done += os.pwrite(fd, raw[done:], offset + done)
@@ -352,37 +506,29 @@ def merge_checkpoint(
 
     Peak memory is about the largest changed tensor: shards are copied by the kernel and only the tensors the
     delta touches are read, added to and written back. The output is built in a temporary directory and
-    renamed onto `out_dir` (which must not exist or be empty). Unless `force`, refuses another base fingerprint.
+    renamed onto `out_dir` (which must not exist or be empty). Unless `force`, refuses another base, or a delta the
+    base's config.json lists as merged already; the output's config.json lists this one too.
     """
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     if not (base_dir / "config.json").is_file():
         raise FileNotFoundError(f"{base_dir} has no config.json: pass a model directory saved with save_pretrained")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} exists and is not empty: remove it or choose another output directory")
+    check_new_output(out_dir, directory=True)
     delta = SparseDelta.load(delta_path)
     ckpt = _open_checkpoint(base_dir)
     entries = _checkpoint_entries(ckpt)
     delta.check_fits(entries, f"base checkpoint {base_dir}")
-    fingerprint = _check_base(delta, _fingerprints(entries), force, f"checkpoint {base_dir}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    honour_umask(tmp)
-    try:
+    what = f"checkpoint {base_dir}"
+    fingerprint = _check_base(delta, _fingerprints(entries), lambda n: _checkpoint_samples(ckpt, n), force, what)
+    config = load_json(base_dir / "config.json")
+    config[MERGE_RECORD] = _merge_records(delta, config.get(MERGE_RECORD), force, what)
+    with atomic_dir(out_dir, replace=False) as tmp:
         for f in base_dir.iterdir():
-            if f.is_file() and f.suffix not in _WEIGHT_SUFFIXES and f.name != _INDEX:
+            if f.is_file() and f.suffix not in _WEIGHT_SUFFIXES and f.name not in (_INDEX, "config.json"):
                 shutil.copy2(f, tmp / f.name)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         changed = sum(_merge_shard(r, tmp / r.path.name, delta) for r in ckpt.readers)
         if (base_dir / _INDEX).is_file():
-            index = load_json(base_dir / _INDEX)
-            index.setdefault("metadata", {})["merged_delta"] = Path(delta_path).name
-            (tmp / _INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        for f in tmp.iterdir():  # durable before the rename makes the directory visible
-            fd = os.open(f, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copy2(base_dir / _INDEX, tmp / _INDEX)
     return {
         "out_dir": str(out_dir),
         "shards": len(ckpt.readers),
@@ -396,15 +542,25 @@ def merge_checkpoint(
 
 
 def _common_base(deltas: Sequence[SparseDelta]) -> dict[str, str]:
-    """The recorded base shared by all deltas that record one; raise if two record different bases."""
+    """The base every delta records; refuses deltas made for different bases (names, shapes, dtypes or sampled
+    content), and a mix of deltas that record a base and deltas that do not (the result could vouch for neither)."""
     recorded = [d for d in deltas if "base_fingerprint" in d.base]
+    if recorded and len(recorded) < len(deltas):
+        bare = next(d for d in deltas if "base_fingerprint" not in d.base)
+        raise ValueError(
+            f"{bare.path} records no base but {recorded[0].path} does: re-export {bare.path} with its base "
+            "(`peft-isolate export --base`) so the composed delta can name one"
+        )
+    first = recorded[0] if recorded else None
     for d in recorded[1:]:
-        if d.base["base_fingerprint"] != recorded[0].base["base_fingerprint"]:
+        content = [json.loads(x.base["base_content"])["values"] for x in (first, d) if "base_content" in x.base]
+        if d.base["base_fingerprint"] != first.base["base_fingerprint"] or (
+            len(content) == 2 and content_distance(*content) > CONTENT_TOLERANCE["full"]
+        ):
             raise ValueError(
-                f"{recorded[0].path} and {d.path} were made for different bases (fingerprints differ): "
-                "compose only deltas of the same base model"
+                f"{first.path} and {d.path} were made for different bases: compose only deltas of the same base model"
             )
-    return dict(recorded[0].base) if recorded else {}
+    return dict(first.base) if first else {}
 
 
 def compose_deltas(
@@ -434,9 +590,12 @@ def compose_deltas(
     deltas = [SparseDelta.load(p) for p in paths]
     if not deltas:
         raise ValueError("compose_deltas needs at least one delta file")
+    base = _common_base(deltas)
     weights = [1.0] * len(deltas) if weights is None else list(weights)
     if len(weights) != len(deltas):
         raise ValueError(f"got {len(weights)} weights for {len(deltas)} deltas: pass one weight per delta")
+    if not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"weights {weights} hold NaN or inf: pass finite weights")
     shapes: dict[str, tuple[int, ...]] = {}
     for d in deltas:
         for name, shape in d.shapes.items():
@@ -465,8 +624,8 @@ def compose_deltas(
                 fn, needs_density = RULES[rule]
                 values = fn(list(stacked), w, density) if needs_density else fn(list(stacked), w)
             entries[name] = (union, values.float())
-    out = SparseDelta(entries, shapes, _common_base(deltas))
-    out.save(out_path)
+    out = SparseDelta(entries, shapes, base)
+    out.save(out_path)  # checks the result (e.g. NaN from a weight) before anything is written
     return {
         "path": str(out_path),
         "tensors": len(entries),

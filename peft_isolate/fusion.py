@@ -1,4 +1,4 @@
-"""Fusion (method.md step 3, design.md "Fusion, one formula"): core transplant plus per-tensor SLERP.
+"""Fusion (docs/method.md, "Fusion"): core transplant plus per-tensor SLERP.
 
 Per tensor, with task deltas D_i and backbone delta D_b: core entries take D_i of their task (an entry
 claimed by several tasks goes to the largest |D_i|); every other entry takes

@@ -6,8 +6,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -19,6 +17,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from ._io import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -83,18 +83,13 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     model.hf_quantizer = None  # the GGUF "quantizer" only describes the source file; the weights are fp32 now
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not a concurrent conversion that finished first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(target, replace=False) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except FileExistsError:
+        if not (target / "config.json").is_file():  # not a concurrent conversion that finished first
+            raise
 
 
 def load_model(

@@ -22,7 +22,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm.auto import tqdm
 from transformers import set_seed
 
-from ._io import TensorReader, atomic_dir, load_json, load_tensors, save_json, save_tensors
+from . import rundir
+from ._io import artifact_damage, atomic_dir, load_json, load_tensors, save_json, save_pretrained_atomic, save_tensors
 from .data import RG_PREFIX, Example, TaskData, load_task, mix, sample
 from .evaluate import evaluate, majority_baseline, method_entry, write_results
 from .fusion import fuse_deltas
@@ -30,38 +31,12 @@ from .models import load_model, resolve_model
 from .plan import StagePlan, draw_overlap, format_plan, plan_stages
 from .recipe import Recipe, TaskSpec
 from .regions import CheckpointDelta, CoreRegions, DeltaSource, IsolationDelta, LoraDelta, find_core_regions
-from .training import TrainSettings, gathered_state_dict, processes, train
+from .training import TrainSettings, completed_checkpoint, gathered_state_dict, processes, train
 from .tuner import IsolationConfig
 
 
 def _hash(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-
-
-def save_pretrained_atomic(model, path: Path, tokenizer=None, state_dict=None) -> Path:
-    """`save_pretrained` into a temporary folder, then swap it in: a crash never leaves half an artifact."""
-    with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp, state_dict=state_dict)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return path
-
-
-def artifact_damage(artifact: Path) -> str | None:
-    """Why a step's artifact (a file or a folder) cannot be trusted, or None: missing, or one of its
-    safetensors files has a bad header or is shorter than its header says, or a JSON file does not parse."""
-    if not artifact.exists():
-        return f"{artifact} is missing"
-    files = sorted(p for p in artifact.rglob("*") if p.is_file()) if artifact.is_dir() else [artifact]
-    for f in files:
-        try:
-            if f.suffix == ".safetensors":
-                TensorReader(f).close()
-            elif f.suffix == ".json":
-                load_json(f)
-        except (OSError, ValueError) as e:
-            return str(e)
-    return None
 
 
 @dataclass
@@ -91,15 +66,20 @@ class Run:
         main = processes().is_main_process
         if main:
             print(f"[peft-isolate] {name}", flush=True)
+            rundir.check_own(self.out, name, artifact)
             if name in state:  # the artifact is about to change: never vouch for it under the old key
                 save_json({k: v for k, v in state.items() if k != name}, state_path)
+            rundir.record_writing(self.out, name, artifact, done=False)
         if everywhere or main:
             try:
                 work()
             except BaseException as e:
-                e.add_note(f"[peft-isolate] step {name} failed before {artifact} was complete; a rerun redoes it")
+                ckpt = completed_checkpoint(f"{artifact}.work", key)
+                rerun = f"resumes it from {ckpt}" if ckpt else "redoes it"
+                e.add_note(f"step {name} stopped before {artifact} was complete; a rerun {rerun}")
                 raise
         if main:
+            rundir.record_writing(self.out, name, artifact, done=True)
             state = load_json(state_path) if state_path.exists() else {}
             save_json({**state, name: key}, state_path)
         processes().wait_for_everyone()
@@ -538,9 +518,18 @@ def run_pipeline(recipe: Recipe, until: str = "evaluate") -> dict | None:
     returns the results written to results.json when it gets that far."""
     if until not in STEPS:
         raise ValueError(f"unknown step {until!r}; the steps are {', '.join(STEPS)}")
+    out = Path(recipe.output_dir)
+    if processes().is_main_process:  # under torchrun the main process alone holds the run directory
+        with rundir.claim(out):
+            processes().wait_for_everyone()
+            return _run_steps(recipe, until)
+    processes().wait_for_everyone()
+    return _run_steps(recipe, until)
+
+
+def _run_steps(recipe: Recipe, until: str) -> dict | None:
     last = STEPS.index(until)
     run = load_run(recipe)
-    run.out.mkdir(parents=True, exist_ok=True)
     main = processes().is_main_process
     if main:
         save_json(recipe.model_dump(mode="json"), run.out / "recipe.json")
@@ -576,7 +565,7 @@ def run_pipeline(recipe: Recipe, until: str = "evaluate") -> dict | None:
 
     def copy_final():
         with atomic_dir(run.out / "final") as tmp:
-            shutil.copytree(final, tmp)
+            shutil.copytree(final, tmp, dirs_exist_ok=True)
 
     run.step("final", final_key, run.out / "final", copy_final)
     if last < STEPS.index("baselines"):

@@ -1,6 +1,6 @@
 """Stage plan: overlap of the tasks' core regions, groups at tau, stage order and each stage's frozen set.
 
-Method.md step 2: tasks whose cores overlap (Jaccard >= tau) are linked; the connected components
+docs/method.md, "Plan": tasks whose cores overlap (Jaccard >= tau) are linked; the connected components
 are the groups; one group trains per stage while earlier groups' cores stay frozen.
 """
 

@@ -202,7 +202,7 @@ class Recipe(_Section):
 
     @property
     def probe_method(self) -> str:
-        """The probe method, defaulting by mode (design.md: lora in adapter mode, full in dense mode)."""
+        """The probe method, defaulting by mode (docs/method.md, "Probe": lora in adapter mode, full in dense mode)."""
         return self.probe.method or ("full" if self.mode == "dense" else "lora")
 
     @property

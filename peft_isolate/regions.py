@@ -1,7 +1,7 @@
 """Core regions: per-parameter sorted index sets, their set algebra, and exact streaming top-p selection.
 
-A task's core region is the top p of all entries by |theta_task - theta_0| (method.md step 1). Deltas come
-from a `DeltaSource` (two checkpoints, a LoRA adapter, an isolation adapter, two in-memory models) one
+A task's core region is the top p of all entries by |theta_task - theta_0| (docs/method.md, "Core regions").
+Deltas come from a `DeltaSource` (two checkpoints, a LoRA adapter, an isolation adapter, two in-memory models) one
 chunk at a time, so selecting over a model of any size holds only a chunk, the candidate buffer and
 the result.
 """
@@ -110,9 +110,9 @@ class CoreRegions(Mapping[str, torch.Tensor]):
         if unknown:
             raise ValueError(f"core region indices for {unknown[:5]} have no shape: add them to `shapes`")
         empty = torch.zeros(0, dtype=torch.int32)
-        self.indices = {n: self.indices.get(n, empty) for n in self.shapes}
-        for name, idx in self.indices.items():
-            check_index_set(idx, math.prod(self.shapes[name]), name)
+        self.indices = {
+            n: as_index_set(self.indices.get(n, empty), math.prod(shape), n) for n, shape in self.shapes.items()
+        }
         self._size = sum(int(i.numel()) for i in self.indices.values())
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -195,8 +195,15 @@ class CoreRegions(Mapping[str, torch.Tensor]):
                 f"{path} is not a core-regions file (its header has no format={FORMAT!r}); "
                 "create one with `peft-isolate regions` or CoreRegions.save"
             )
-        shapes = {n: tuple(s) for n, s in json.loads(meta["shapes"]).items()}
-        return cls(tensors, shapes, json.loads(meta["p"]), json.loads(meta["scope"]), meta.get("source", ""))
+        try:
+            shapes = {n: tuple(int(d) for d in s) for n, s in json.loads(meta["shapes"]).items()}
+            p, scope = json.loads(meta["p"]), json.loads(meta["scope"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(
+                f"{path}: its header's shapes, p or scope is missing or malformed ({e!r}); recreate the file with "
+                "`peft-isolate regions` or CoreRegions.save"
+            ) from None
+        return cls(tensors, shapes, p, scope, meta.get("source", ""))
 
 
 def check_index_set(indices: torch.Tensor, numel: int, what: str) -> None:
@@ -211,6 +218,18 @@ def check_index_set(indices: torch.Tensor, numel: int, what: str) -> None:
             f"{what}: indices are {bad} (need sorted unique flat positions in [0, {numel}) for this weight); "
             "was the file made for another model?"
         )
+
+
+def as_index_set(indices: torch.Tensor, numel: int, what: str) -> torch.Tensor:
+    """`indices` as a checked int32 index set. Any integer dtype is taken (`arange`, `nonzero` and `topk` give
+    int64) when its values are sorted unique flat positions in `[0, numel)`."""
+    integer = not (indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool)
+    if integer and indices.dtype != torch.int32:
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel):
+            raise ValueError(f"{what}: indices are out of range (need flat positions in [0, {numel}) for this weight)")
+        indices = indices.to(torch.int32)
+    check_index_set(indices, numel, what)
+    return indices
 
 
 def jaccard(a: CoreRegions, b: CoreRegions) -> float:
@@ -372,7 +391,7 @@ class _Raised:
     error: BaseException
 
 
-class _Checkpoint:
+class Checkpoint:
     """The safetensors tensors of a model directory (sharded or not) or of one file, read with pread."""
 
     def __init__(self, path: str | os.PathLike):
@@ -421,7 +440,7 @@ class CheckpointDelta(DeltaSource):
     """
 
     def __init__(self, base: str | os.PathLike, tuned: str | os.PathLike):
-        self.base, self.tuned = _Checkpoint(base), _Checkpoint(tuned)
+        self.base, self.tuned = Checkpoint(base), Checkpoint(tuned)
         self.description = f"checkpoints base={base} tuned={tuned}"
         self._shapes = self.base.shapes()
         _check_same(
@@ -484,7 +503,7 @@ def base_shapes(
     4-bit bitsandbytes weights report their unquantized shape; peft wrappers' names are unwrapped.
     """
     if isinstance(base, (str, os.PathLike)):
-        return _Checkpoint(base).shapes(floating_only=False)
+        return Checkpoint(base).shapes(floating_only=False)
     if isinstance(base, nn.Module):
         out = {}
         for n, p in base.named_parameters():
@@ -505,6 +524,40 @@ def _adapter_file(adapter: str | os.PathLike) -> Path:
         )
         raise FileNotFoundError(f"no adapter_model.safetensors in {path}{hint}")
     return file
+
+
+# the adapter_config.json fields peft-isolate reads, and the JSON types each may have
+_CONFIG_TYPES: dict[str, tuple[type, ...]] = {
+    "base_model_name_or_path": (str, type(None)),
+    "lora_alpha": (int, float),
+    "alpha_pattern": (dict,),
+    "use_rslora": (bool,),
+    "fan_in_fan_out": (bool,),
+    "weight_shapes": (dict, type(None)),
+}
+
+
+def read_adapter_config(adapter: str | os.PathLike, peft_type: str | None = None) -> dict[str, Any]:
+    """An adapter directory's adapter_config.json, checked: a mapping naming a known `peft_type` (`peft_type` if
+    given) whose fields peft-isolate reads have their JSON types; else one error naming the file and the fix."""
+    from peft.utils.peft_types import PeftType
+
+    path = Path(adapter) / "adapter_config.json"
+    cfg = load_json(path)
+    fix = "re-save the adapter with save_pretrained"
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} holds a {type(cfg).__name__}, not a mapping of config fields: {fix}")
+    kind = cfg.get("peft_type")
+    if kind not in {t.value for t in PeftType}:
+        raise ValueError(f"{path}: peft_type {kind!r} is not a peft method this peft knows: {fix}")
+    if peft_type is not None and kind != peft_type:
+        hint = "use --adapter for isolation adapters" if peft_type == "LORA" else "pass a LoRA adapter as --lora"
+        raise ValueError(f"{adapter} is a {kind} adapter, not {peft_type}: {hint}")
+    for name, types in _CONFIG_TYPES.items():
+        value = cfg.get(name)
+        if name in cfg and not (isinstance(value, types) and (bool in types or not isinstance(value, bool))):
+            raise ValueError(f"{path}: {name} is {cfg[name]!r}, not a {' or '.join(t.__name__ for t in types)}: {fix}")
+    return cfg
 
 
 def _check_against_base(shapes: Mapping[str, tuple[int, ...]], base: Mapping[str, tuple[int, ...]], what: str) -> None:
@@ -533,9 +586,7 @@ class LoraDelta(DeltaSource):
         from peft import LoraConfig
         from peft.utils.other import get_pattern_key
 
-        cfg = load_json(Path(adapter) / "adapter_config.json")
-        if cfg.get("peft_type") != "LORA":
-            raise ValueError(f"{adapter} is a {cfg.get('peft_type')} adapter, not LoRA: use --adapter for isolation")
+        cfg = read_adapter_config(adapter, "LORA")
         variants = [
             f.name
             for f in LoraConfig.__dataclass_fields__.values()
@@ -596,10 +647,13 @@ _ISO_KEY = re.compile(r"^(.+)\.(isolation_(?:frozen_)?(?:indices|values|locked))
 class IsolationDelta(DeltaSource):
     """Sparse delta of an isolation adapter: trainable plus frozen values at their indices, zero elsewhere.
 
-    The file does not hold weight shapes: `base` gives them (checkpoint path, model or {name: shape}).
+    `base` (checkpoint path, model or {name: shape}) gives the weight shapes; they must equal the shapes the
+    adapter's config recorded (`weight_shapes`), else flat indices would point elsewhere.
     """
 
     def __init__(self, adapter: str | os.PathLike, base: str | os.PathLike | nn.Module | Mapping[str, Any]):
+        config = Path(adapter) / "adapter_config.json"
+        recorded = read_adapter_config(adapter, "ISOLATION").get("weight_shapes") if config.is_file() else None
         tensors, _ = load_tensors(_adapter_file(adapter))
         parts: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in tensors.items():
@@ -634,9 +688,18 @@ class IsolationDelta(DeltaSource):
                 raise ValueError(f"{adapter}: {name} lists an entry twice (trainable and frozen parts overlap)")
             self.entries[name] = (idx, val[order])
         shapes = base_shapes(base)
+        if config.is_file() and recorded is None:
+            warnings.warn(
+                f"{adapter} was saved before isolation adapters recorded their weight shapes: only index ranges can "
+                "be checked against the base; re-save it to check shapes",
+                stacklevel=2,
+            )
         for name, (idx, _) in self.entries.items():
+            made = (recorded or {}).get(name.removesuffix(".weight"))
             if name not in shapes:
                 problem = f"the base has no {name}"
+            elif made is not None and tuple(made) != tuple(shapes[name]):
+                problem = f"{name} is {tuple(made)} in the adapter but {tuple(shapes[name])} in the base"
             elif idx.numel() and int(idx[-1]) >= math.prod(shapes[name]):
                 problem = f"{name} has index {int(idx[-1])} but the base weight has shape {shapes[name]}"
             else:

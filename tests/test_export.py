@@ -57,7 +57,7 @@ def test_export_round_trip_readable_with_plain_safetensors(adapter, tiny_dir, tm
         meta = f.metadata()
         got = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     shapes = json.loads(meta["shapes"])
-    assert meta["format"] == "peft-isolate/sparse-delta" and meta["version"] == "1"
+    assert meta["format"] == "peft-isolate/sparse-delta" and meta["version"] == "2"
     assert meta["base_fingerprint"] == base_fingerprint(tiny_dir) and meta["base_quantization"] == "none"
     assert len(shapes) == 14 and shapes[Q_PROJ] == [64, 64]
     frozen_seen = False

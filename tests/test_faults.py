@@ -34,7 +34,8 @@ from test_pipeline import recipe_file  # noqa: F401 (fixture)
 from test_resume import _final, _with
 
 from peft_isolate import pipeline, training
-from peft_isolate.pipeline import run_pipeline, save_pretrained_atomic
+from peft_isolate._io import save_pretrained_atomic
+from peft_isolate.pipeline import run_pipeline
 from peft_isolate.recipe import load_recipe
 from peft_isolate.training import COMPLETE
 
@@ -405,7 +406,7 @@ def test_failed_adapter_save_keeps_the_old_one_and_leaves_no_temp_folder(tmp_pat
 
     class FullDisk:
         def save_pretrained(self, path, **kwargs):
-            Path(path).mkdir(parents=True)
+            Path(path).mkdir(parents=True, exist_ok=True)  # as save_pretrained does
             (Path(path) / "adapter_model.safetensors").write_bytes(b"half")
             raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
 

@@ -242,7 +242,7 @@ def test_lora_adapter_on_another_base_is_rejected(pair, tmp_path):
         LoraDelta(tmp_path / "lora", base=tmp_path / "wide")
     with pytest.raises(ValueError, match="not in the base"):
         LoraDelta(tmp_path / "lora", base={"other.weight": (2, 2)})
-    with pytest.raises(ValueError, match="is a LoRA tensor, not an isolation one: pass it as --lora"):
+    with pytest.raises(ValueError, match="is a LORA adapter, not ISOLATION: pass a LoRA adapter as --lora"):
         IsolationDelta(tmp_path / "lora", base=tmp_path / "wide")
 
 
@@ -313,8 +313,13 @@ def test_core_regions_round_trip_and_validation(tmp_path):
         CoreRegions.load(tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="unsorted or duplicated"):
         CoreRegions({"b.weight": torch.tensor([3, 1], dtype=torch.int32)}, {"b.weight": (5,)})
+    # any integer dtype is taken (arange, nonzero and topk give int64) and stored as int32, if its values fit
+    wide = CoreRegions({"b.weight": torch.tensor([1, 3])}, {"b.weight": (5,)})
+    assert wide["b.weight"].dtype == torch.int32 and wide["b.weight"].tolist() == [1, 3]
+    with pytest.raises(ValueError, match="out of range"):  # 2**32 + 1 would wrap to 1 in int32
+        CoreRegions({"b.weight": torch.tensor([0, 2**32 + 1])}, {"b.weight": (5,)})
     with pytest.raises(ValueError, match="int32"):
-        CoreRegions({"b.weight": torch.tensor([1, 3])}, {"b.weight": (5,)})
+        CoreRegions({"b.weight": torch.tensor([1.0, 3.0])}, {"b.weight": (5,)})
 
 
 def test_regions_cli_for_each_source(pair, tmp_path, capsys):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from peft.utils.peft_types import PeftType
+from tiny import tiny_llama
 
 import peft_isolate
 from peft_isolate import IsolationConfig
@@ -429,8 +430,21 @@ def test_regions_file_for_other_shapes_is_refused(load_tiny, tmp_path):
 def test_regions_naming_untargeted_weights_are_refused(load_tiny, tmp_path):
     model = load_tiny()
     regions = _regions_file(tmp_path / "r.safetensors", model, lambda n: torch.arange(0, n, 5))
-    with pytest.raises(ValueError, match="not targeted linear weights"):
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match="k_proj.weight', which is not a targeted linear weight"):
         get_peft_model(model, IsolationConfig(target_modules=["q_proj"], init="regions", regions=str(regions)))
+    assert {n: type(m) for n, m in model.named_modules()} == before  # refused before any layer was injected
+
+
+def test_regions_of_other_shapes_leave_the_model_unchanged(load_tiny, tmp_path):
+    """A regions file made for a wider model is refused before injection: the caller's model is as it was."""
+    wide, _ = tiny_llama(hidden_size=128)
+    regions = _regions_file(tmp_path / "r.safetensors", wide, lambda n: torch.arange(0, n, 5))
+    model = load_tiny()
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match=r"has shape \(128, 128\) but the model's weight is \(64, 64\)"):
+        get_peft_model(model, IsolationConfig(target_modules="all-linear", init="regions", regions=str(regions)))
+    assert {n: type(m) for n, m in model.named_modules()} == before
 
 
 def test_trainable_support_intersecting_frozen_file_is_refused(load_tiny, tmp_path):

@@ -44,6 +44,9 @@ class IsolationConfig(PeftConfig):
             Start from a zero delta (the adapter equals the base). `False` draws small random values (for tests).
         modules_to_save (`list[str]`, *optional*):
             Modules apart from the isolation layers to train fully and save in the checkpoint.
+        weight_shapes (`dict[str, list[int]]`, *optional*):
+            Filled in at injection: each adapted module's weight shape `[out, in]`. Saved with the adapter, so loading
+            it on, or exporting it against, a base of other shapes is refused (flat indices would point elsewhere).
     """
 
     target_modules: list[str] | str | None = field(
@@ -72,6 +75,10 @@ class IsolationConfig(PeftConfig):
     )
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Other modules to train fully and save in the checkpoint."}
+    )
+
+    weight_shapes: dict[str, list[int]] | None = field(
+        default=None, metadata={"help": "Adapted weight shapes, recorded at injection; checked when loading."}
     )
 
     def __post_init__(self) -> None:

@@ -197,7 +197,7 @@ def dequantized_weight(base: nn.Module) -> torch.Tensor:
     return base.weight.data
 
 
-def _store_weight(base: nn.Module, weight: torch.Tensor) -> None:
+def store_weight(base: nn.Module, weight: torch.Tensor) -> None:
     """Write a dense weight back into `base`, requantizing for bitsandbytes layers (this rounds)."""
     import bitsandbytes as bnb
 
@@ -272,7 +272,7 @@ class Linear(nn.Module, IsolationLayer):
         if safe_merge and not torch.isfinite(weight).all():
             raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
         if quantized:
-            _store_weight(base, weight)
+            store_weight(base, weight)
         elif safe_merge:
             base.weight.data = weight
 

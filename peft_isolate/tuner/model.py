@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from ..regions import CoreRegions, check_index_set
+from ..regions import CoreRegions, as_index_set
 from .config import IsolationConfig
 from .layer import IsolationLayer, Linear
 
@@ -29,7 +30,7 @@ def _as_index_sets(regions: Regions) -> tuple[dict[str, torch.Tensor], dict[str,
     for name, idx in regions.items():
         if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
             raise ValueError(f"regions for {name}: expected integer flat positions, got {idx.dtype}")
-    return {n: i.to(torch.int32) for n, i in regions.items() if i.numel()}, {}
+    return {n: i for n, i in regions.items() if i.numel()}, {}  # made int32 by `as_index_set` once numel is known
 
 
 def _check_recorded_shape(shapes: Mapping[str, tuple[int, ...]], name: str, shape: tuple[int, ...], what: str) -> None:
@@ -54,27 +55,57 @@ class IsolationModel(BaseTuner):
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
-        """Read the config's regions and frozen files once, inject, then refuse names that matched no layer."""
+        """Read and check the config's regions and frozen files against the model, then inject.
+
+        peft's injection hooks run only from `BaseTuner.__init__`, not from `add_adapter`/`load_adapter`, so the
+        files are read here, once per adapter, and checked before any layer changes: on error the model is as it
+        was."""
         config = self.peft_config[adapter_name]
-        self._index_sets = {
+        index_sets = {
             what: _as_index_sets(path) if path else ({}, {})
             for what, path in (("regions", config.regions), ("frozen", config.frozen))
         }
+        self._check_index_sets(model, config, index_sets)
+        self._index_sets = index_sets
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         finally:
-            index_sets = self.__dict__.pop("_index_sets")
-        adapted = {
-            f"{name}.weight"
+            del self._index_sets
+        config.weight_shapes = {
+            name: list(module.shape)
             for name, module in model.named_modules()
             if isinstance(module, IsolationLayer) and adapter_name in module.isolation_values
         }
-        for what, (sets, _) in index_sets.items():
-            names = set(sets) - adapted
-            if names:
+
+    def _check_index_sets(self, model: nn.Module, config: IsolationConfig, index_sets: dict) -> None:
+        """Refuse, before injection, index sets naming weights that are not targeted linear weights of `model`, made
+        for other shapes, out of range; and a saved config whose recorded weight shapes differ from `model`'s."""
+        targets = _maybe_include_all_linear_layers(copy.copy(config), model)
+        modules = dict(model.named_modules())
+
+        def linear(module_name: str) -> nn.Module | None:
+            module = modules.get(module_name)
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            return base if isinstance(base, nn.Linear) else None
+
+        for what, (sets, shapes) in index_sets.items():
+            for name, region in sets.items():
+                module_name = name.removesuffix(".weight")
+                base = linear(module_name) if name.endswith(".weight") else None
+                if base is None or not self._check_target_module_exists(targets, module_name):
+                    raise ValueError(
+                        f"{what} file names {name!r}, which is not a targeted linear weight of this model: target it "
+                        "(target_modules) or use regions made for this model"
+                    )
+                shape = (base.out_features, base.in_features)
+                _check_recorded_shape(shapes, name, shape, what)
+                sets[name] = as_index_set(region, math.prod(shape), f"{what} file entry {name}")
+        for module_name, recorded in (config.weight_shapes or {}).items():
+            base = linear(module_name)
+            if base is not None and tuple(recorded) != (base.out_features, base.in_features):
                 raise ValueError(
-                    f"{what} file names {len(names)} parameters that are not targeted linear weights of this model, "
-                    f"e.g. {sorted(names)[0]!r}: target them (target_modules) or use regions made for this model"
+                    f"the adapter was made for a model whose {module_name} weight is {tuple(recorded)}, but this "
+                    f"model's is {(base.out_features, base.in_features)}: load it on the base it was trained on"
                 )
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
@@ -128,7 +159,7 @@ class IsolationModel(BaseTuner):
             raise ValueError(f"regions name {unknown[0]!r}, which is not an isolation-adapted weight of this model")
         for name, region in sets.items():
             _check_recorded_shape(shapes, name, layers[name].shape, "regions")
-            check_index_set(region, math.prod(layers[name].shape), f"regions for {name}")
+            sets[name] = as_index_set(region, math.prod(layers[name].shape), f"regions for {name}")
         total = 0
         for name, region in sets.items():
             try:

@@ -1,0 +1,155 @@
+"""Part 3: bench/speed.py's sweep on the GPU: TinyLlama-1.1B's shape in nf4, seq 256 and 1024, density
+0.1 / 1 / 5 %, the floor (none), QLoRA, SHiRA and the isolation adapter, 10 timed steps each.
+
+Measured with speed.py's own functions (`_load`, `_adapt`, `run_one`: same model, batch 4, tokens, optimizer,
+warm-up, median step and peak-memory rules), but in one process on one loaded base (each adapter unloaded
+after its row) instead of a process per row, which would spend most of the part's deadline starting Python
+and loading the model 20 times. torch's peak allocated memory is measured from each row's own start, so
+earlier rows do not enter it; a first floor step before the sweep takes the one-off CUDA/cuBLAS allocations.
+Rows run in order of value: density 1 % at both lengths first, then 0.1 %, then 5 %, and the table is
+rewritten after each, so a deadline keeps what was measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import shutil
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from common import header, parser, peak_memory_reset, write
+
+TINY = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=1000
+)
+METHODS = ("none", "qlora", "shira", "isolation")
+
+
+def prebuild(shape: str) -> float:
+    """Save speed.py's random model for `shape` where its `_load` looks, atomically (speed.py itself takes any
+    existing folder as complete, so a build killed half-way would break every later run)."""
+    import speed
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(tempfile.gettempdir()) / f"peft-isolate-bench-{shape}"
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return 0.0
+    start = time.time()
+    shutil.rmtree(path, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(LlamaConfig(**speed.SHAPES[shape])).to(torch.bfloat16)
+    model.save_pretrained(tmp)
+    del model
+    os.rename(tmp, path)
+    return time.time() - start
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--seq", type=int, nargs="+", default=[256, 1024])
+    p.add_argument("--density", type=float, nargs="+", default=[0.01, 0.001, 0.05], help="in this order")
+    p.add_argument("--batch", type=int, default=4)
+    args = p.parse_args()
+    import speed  # bench/speed.py
+
+    shape, steps, seqs = "1b", args.steps, args.seq
+    if args.dry_run:
+        speed.SHAPES["gpu-dry-tiny"] = TINY
+        shape, steps, seqs = "gpu-dry-tiny", 1, [32, 64]
+    info = {"shape": shape, "steps": steps, "batch": args.batch, "build_s": prebuild(shape)}
+    run = argparse.Namespace(shape=shape, quant="nf4", batch=args.batch, steps=steps, method="none", density=0.01)
+    t0 = time.time()
+    base = speed._load(run)
+    info["load_s"] = time.time() - t0
+    adapted: list = []
+    adapt = speed._adapt
+    speed._load = lambda _args: base  # every row on the one loaded base
+
+    def recording_adapt(model, method, density):
+        adapted.append(adapt(model, method, density))
+        return adapted[-1]
+
+    speed._adapt = recording_adapt
+    rows, failed = [], []
+    out = args.out / "part3_speed.md"
+    write(out, table(args, info, rows, failed, "warming up"))
+    first = True
+    for density in args.density:
+        for seq in seqs:
+            for method in METHODS:
+                if method == "none" and density != args.density[0]:
+                    continue  # the floor has no density: once per length
+                run.method, run.density, run.seq = method, density, seq
+                try:
+                    if first:  # one-off allocations (CUDA context, cuBLAS workspace) before any measured row
+                        speed.run_one(argparse.Namespace(**{**vars(run), "method": "none", "steps": 1}))
+                        _release(base, adapted)
+                        first = False
+                    peak_memory_reset()
+                    rows.append(speed.run_one(run))
+                    print(f"part 3: {rows[-1]}", flush=True)
+                except Exception as e:  # a failing method is a result too; the others go on
+                    failed.append(f"{method} (seq {seq}, density {density}): {type(e).__name__}: {e}"[:400])
+                    traceback.print_exc()
+                _release(base, adapted)
+                write(out, table(args, info, rows, failed, f"running ({len(rows)} rows so far)"))
+    lines = table(args, info, rows, failed, "")
+    write(out, lines)
+    print("\n".join(lines), flush=True)
+
+
+def _release(base, adapted: list) -> None:
+    """Take the adapter of the last row off the base again (the floor only froze it and hooked its inputs)."""
+    while adapted:
+        model = adapted.pop()
+        if model is base:
+            base.disable_input_require_grads()
+        else:
+            model.unload()
+    gc.collect()
+    peak_memory_reset()
+
+
+def table(args, info: dict, rows: list[dict], failed: list[str], note: str) -> list[str]:
+    import speed
+
+    what = (
+        f"Model: speed.py's random Llama of shape `{info['shape']}`"
+        + (" (TinyLlama-1.1B)" if info["shape"] == "1b" else "")
+        + f", nf4, bf16 compute; batch {info['batch']}, {info['steps']} timed steps after 1 warm-up (median), "
+        f"one run per row, all linear layers, equal trainable counts (LoRA/SHiRA rank r, isolation density "
+        f"r(in+out)/(in*out)). Peak memory: torch's peak allocated above the row's start (optimizer state "
+        f"included; CPU: RSS). Build {info['build_s']:.0f} s (0: reused), load {info['load_s']:.0f} s. "
+        "Same rows as `python bench/speed.py --shape 1b --quant nf4 --seq 256 1024 --density 0.001 0.01 0.05 "
+        "--steps 10 --methods none qlora shira isolation`, in one process. "
+        + (f"Status: {note}." if note else "Status: done.")
+    )
+    lines = header("Part 3: speed sweep (floor, QLoRA, SHiRA, isolation)", args, what)
+    lines += [
+        "| seq | density | method | trainable | step (s) | x QLoRA | x floor | peak mem (MiB) | mem x QLoRA |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    qlora = {(r["seq"], r["density"]): r for r in rows if r["method"] == "qlora"}
+    floor = {r["seq"]: r for r in rows if r["method"] == "none"}
+    order = sorted(rows, key=lambda r: (r["seq"], r["density"] if r["method"] != "none" else -1))
+    for r in order:
+        ref, fl = qlora.get((r["seq"], r["density"])), floor.get(r["seq"])
+        density = "-" if r["method"] == "none" else f"{r['density']:.3%}"
+        lines.append(
+            f"| {r['seq']} | {density} | {r['method']} | {r['trainable']:,} | {r['time_s']:.3f} | "
+            f"{speed._ratio(r, ref, 'time_s')} | {speed._ratio(r, fl, 'time_s')} | {r['peak_mib']:.0f} | "
+            f"{speed._ratio(r, ref, 'peak_mib')} |"
+        )
+    lines += [f"\nFailed: {f}" for f in failed]
+    return lines
+
+
+if __name__ == "__main__":
+    main()
