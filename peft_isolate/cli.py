@@ -38,8 +38,15 @@ def command(name: str, help: str) -> Callable[[Handler], Handler]:
     return add
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line (the usage itself is one `--help` away); subparsers inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peft-isolate", description="Core Parameter Isolation Fine-Tuning.")
+    parser = _Parser(prog="peft-isolate", description="Core Parameter Isolation Fine-Tuning.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help, fn) in _COMMANDS.items():
         p = sub.add_parser(name, help=help, description=help)
@@ -55,8 +62,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args) or 0
-    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError) as e:
+    except (ValueError, OSError) as e:  # OSError: missing, existing, unreadable or unwritable paths
         parser.exit(2, f"peft-isolate {args.command}: error: {e}\n")
+    except KeyboardInterrupt as e:
+        where = next(iter(getattr(e, "__notes__", [])), "every file written so far is complete (writes are atomic)")
+        parser.exit(130, f"peft-isolate {args.command}: interrupted; {where}\n")
+
+
+def seed(text: str) -> int:
+    """An argparse type: a seed in [0, 2**32 - 1], which numpy and torch generators all take."""
+    from .recipe import SEED_MAX
+
+    value = int(text)
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"{value} is outside [0, {SEED_MAX}]")
+    return value
+
+
+def output_file(text: str) -> Path:
+    """An argparse type: a file to write, which must not be a symbolic link or a folder."""
+    from ._io import check_new_output
+
+    try:
+        return check_new_output(text, directory=False)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def output_dir(text: str) -> Path:
+    """An argparse type: a folder to create, which must not exist or be empty, and not be a symbolic link."""
+    from ._io import check_new_output
+
+    try:
+        return check_new_output(text, directory=True)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 @command("regions", "Find a task's core region (top-p entries by |delta|) and save it as safetensors.")
@@ -70,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 @arg("--p", type=float, default=0.01, help="fraction of entries to keep, in (0, 1] (default 0.01)")
 @arg("--scope", choices=["global", "layer", "matrix"], default="global", help="where the top p is taken")
 @arg("--include", metavar="REGEX", help="only parameters whose name matches (e.g. the targeted linear weights)")
-@arg("--out", required=True, help="output file, e.g. cores/math.safetensors")
+@arg("--out", required=True, type=output_file, help="output file, e.g. cores/math.safetensors")
 def regions(args: argparse.Namespace) -> None:
     from .regions import CheckpointDelta, IsolationDelta, LoraDelta, find_core_regions
 
@@ -109,9 +149,9 @@ def regions(args: argparse.Namespace) -> None:
 @arg("cores", nargs="+", help="core-region files, one per task (the task is the file's stem)")
 @arg("--tau", type=float, default=0.1, help="link tasks with Jaccard >= tau (0: one group)")
 @arg("--order", choices=["random", "size", "union"], default="random", help="stage order of the groups")
-@arg("--seed", type=int, default=0, help="seed of the random order")
+@arg("--seed", type=seed, default=0, help="seed of the random order")
 @arg("--freeze", choices=["previous", "all", "none"], default="previous", help="cores frozen in a stage")
-@arg("--out", default="plan.json", help="plan file; the heatmap goes beside it as .png")
+@arg("--out", default="plan.json", type=output_file, help="plan file; the heatmap goes beside it as .png")
 def plan(args: argparse.Namespace) -> None:
     from .plan import draw_overlap, format_plan, plan_stages
     from .regions import CoreRegions
@@ -216,8 +256,13 @@ def _print_report(report: dict) -> None:
 
 @command("export", "Write an isolation adapter's delta as a standalone sparse-delta safetensors file.")
 @arg("adapter", help="isolation adapter directory")
-@arg("--out", required=True, help="output file, e.g. delta.safetensors")
-@arg("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="dtype of the values")
+@arg("--out", required=True, type=output_file, help="output file, e.g. delta.safetensors")
+@arg(
+    "--dtype",
+    choices=["float32", "bfloat16", "float16"],
+    help="dtype of the values (default float32; bfloat16 with --compact)",
+)
+@arg("--compact", action="store_true", help="indices as gaps in the smallest integer type (about half the file)")
 @arg("--base", help="base model (directory, .gguf or alias) for shapes and fingerprint (default: the adapter's)")
 @arg("--quantization", choices=["none", "nf4", "int8"], default="none", help="fingerprint the base loaded so")
 def export(args: argparse.Namespace) -> None:
@@ -233,18 +278,20 @@ def export(args: argparse.Namespace) -> None:
         base = resolve_model(base)
     if base and args.quantization != "none":
         base = load_model(base, args.quantization)[0]
-    _print_report(export_delta(args.adapter, args.out, getattr(torch, args.dtype), base))
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.compact else "float32"))
+    _print_report(export_delta(args.adapter, args.out, dtype, base, compact=args.compact))
 
 
 @command("apply", "Add a sparse delta to a model and save the result (4-bit/8-bit: requantized, error reported).")
 @arg("model", help="model directory, .gguf or alias")
 @arg("delta", help="sparse-delta file")
-@arg("--out", required=True, help="output model directory")
+@arg("--out", required=True, type=output_dir, help="new, empty output model directory")
 @arg("--quantization", choices=["none", "nf4", "int8"], default="none", help="load the model so first")
 @arg("--force", action="store_true", help="apply even if the delta was made for another base fingerprint")
 def apply(args: argparse.Namespace) -> None:
     from transformers import AutoConfig
 
+    from ._io import atomic_dir
     from .export import apply_delta
     from .models import load_model, resolve_model
 
@@ -252,15 +299,16 @@ def apply(args: argparse.Namespace) -> None:
     dtype = AutoConfig.from_pretrained(resolve_model(args.model)).dtype if args.quantization == "none" else None
     model, tokenizer = load_model(args.model, args.quantization, dtype=dtype)
     report = apply_delta(model, args.delta, force=args.force)
-    model.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
+    with atomic_dir(args.out, replace=False) as tmp:  # the whole model appears at once, or nothing
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     _print_report(report)
 
 
 @command("merge", "Stream-merge a sparse delta into a base checkpoint, shard by shard (peak memory ~ one tensor).")
 @arg("--base", required=True, help="base checkpoint directory (safetensors, sharded or not)")
 @arg("--delta", required=True, help="sparse-delta file")
-@arg("--out", required=True, help="new, empty output directory")
+@arg("--out", required=True, type=output_dir, help="new, empty output directory")
 @arg("--force", action="store_true", help="merge even if the delta was made for another base fingerprint")
 def merge(args: argparse.Namespace) -> None:
     from .export import merge_checkpoint
@@ -270,11 +318,11 @@ def merge(args: argparse.Namespace) -> None:
 
 @command("compose", "Combine sparse deltas: disjoint supports add exactly; overlaps need a rule.")
 @arg("deltas", nargs="+", help="sparse-delta files")
-@arg("--out", required=True, help="output sparse-delta file")
+@arg("--out", required=True, type=output_file, help="output sparse-delta file")
 @arg("--rule", choices=["sum", "magnitude_prune", "ties", "dare_linear", "dare_ties"], help="rule for overlaps")
 @arg("--weights", type=float, nargs="+", help="one weight per delta (default 1)")
 @arg("--density", type=float, help="kept fraction of the union of supports, per delta, for ties/dare/magnitude_prune")
-@arg("--seed", type=int, default=0, help="seed of DARE's random drop")
+@arg("--seed", type=seed, default=0, help="seed of DARE's random drop")
 def compose(args: argparse.Namespace) -> None:
     from .export import compose_deltas
 

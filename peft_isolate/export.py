@@ -326,7 +326,10 @@ class SparseDelta:
         entries = {}
         for name in shapes:
             val, idx = tensors.get(f"{name}.values"), tensors.get(f"{name}.indices")
-            gaps, escaped = tensors.get(f"{name}.gaps"), tensors.get(f"{name}.escaped", torch.zeros(0))
+            gaps, escaped = (
+                tensors.get(f"{name}.gaps"),
+                tensors.get(f"{name}.escaped", torch.zeros(0, dtype=torch.int32)),
+            )
             if idx is None and gaps is not None and gaps.dtype in _GAP_DTYPES and not escaped.is_floating_point():
                 try:
                     idx = decode_gaps(gaps, escaped)

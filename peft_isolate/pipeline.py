@@ -8,6 +8,7 @@ whose inputs changed, and resumes an interrupted training step from its last com
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import shutil
 import warnings
@@ -30,7 +31,16 @@ from .fusion import fuse_deltas
 from .models import load_model, resolve_model
 from .plan import StagePlan, draw_overlap, format_plan, plan_stages
 from .recipe import Recipe, TaskSpec
-from .regions import CheckpointDelta, CoreRegions, DeltaSource, IsolationDelta, LoraDelta, find_core_regions
+from .regions import (
+    Checkpoint,
+    CheckpointDelta,
+    CoreRegions,
+    DeltaSource,
+    IsolationDelta,
+    LoraDelta,
+    check_keeps_an_entry,
+    find_core_regions,
+)
 from .training import TrainSettings, completed_checkpoint, gathered_state_dict, processes, train
 from .tuner import IsolationConfig
 
@@ -138,7 +148,15 @@ def load_run(recipe: Recipe) -> Run:
         )
         for name, spec in recipe.tasks.items()
     }
-    return Run(recipe, tasks, {name: _task_key(spec) for name, spec in recipe.tasks.items()})
+    run = Run(recipe, tasks, {name: _task_key(spec) for name, spec in recipe.tasks.items()})
+    # refuse, before any training, budgets past the ceiling and a p that keeps nothing (checked again where used)
+    for task in tasks.values():
+        recipe.probe.budget(len(task.train), run.global_batch)
+    recipe.stages.budget(sum(len(sample(t, recipe.stages.sample, 0).train) for t in tasks.values()), run.global_batch)
+    check_keeps_an_entry(
+        recipe.regions.p, sum(math.prod(s) for s in Checkpoint(resolve_model(recipe.model)).shapes().values())
+    )
+    return run
 
 
 def _task_key(spec: TaskSpec) -> str:

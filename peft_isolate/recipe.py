@@ -15,6 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 TASK_NAME = re.compile(r"[A-Za-z0-9_-]+")  # task names become file names
 RG_PREFIX = "reasoning_gym:"  # a task source naming a reasoning-gym generator
+SEED_MAX = 2**32 - 1  # numpy's and reasoning-gym's generators take seeds in [0, 2**32)
+MAX_STEPS = 10_000_000  # optimizer steps of one training step: beyond this a typo, not a plan (months of GPU)
+MAX_ITEMS = 10_000_000  # examples generated or scored per task
+MAX_RECIPE_BYTES = 1 << 20
 
 
 class _Section(BaseModel):
@@ -32,9 +36,15 @@ class _Budget(_Section):
 
     def budget(self, examples: int, global_batch: int) -> int:
         """Optimizer steps: `steps`, or enough for `epochs` passes over `examples`, or 50."""
-        if self.epochs is not None:
-            return max(1, math.ceil(self.epochs * examples / global_batch))
-        return self.steps or 50
+        if self.epochs is None:
+            return self.steps or 50
+        steps = self.epochs * examples / global_batch
+        if not steps <= MAX_STEPS:
+            raise ValueError(
+                f"epochs: {self.epochs} over {examples} examples is {steps:.3g} optimizer steps, over the ceiling of "
+                f"{MAX_STEPS:,}: lower epochs"
+            )
+        return max(1, math.ceil(steps))
 
 
 class TaskSpec(_Section):
@@ -43,9 +53,13 @@ class TaskSpec(_Section):
     source: str = Field(description="'reasoning_gym:<name>', a JSONL/JSON/parquet file or a save_to_disk dir")
     eval_source: str | None = Field(None, description="held-out file; else a part of `source` is held out")
     config: dict[str, Any] = Field(default_factory=dict, description="generator settings (reasoning_gym)")
-    train: int | None = Field(None, gt=0, description="training examples (default: reasoning_gym 1000, files all)")
-    eval: int | None = Field(None, gt=0, description="eval examples (default: reasoning_gym 200, files 10%)")
-    seed: int = Field(1, description="generator seed")
+    train: int | None = Field(
+        None, gt=0, le=MAX_ITEMS, description="training examples (default: reasoning_gym 1000, files all)"
+    )
+    eval: int | None = Field(
+        None, gt=0, le=MAX_ITEMS, description="eval examples (default: reasoning_gym 200, files 10%)"
+    )
+    seed: int = Field(1, ge=0, le=SEED_MAX, description="generator seed")
 
 
 class ProbeSpec(_Budget):
@@ -54,7 +68,9 @@ class ProbeSpec(_Budget):
     method: Literal["lora", "full", "sparse"] | None = Field(
         None, description="how each task's update is probed (default: lora in adapter mode, full in dense mode)"
     )
-    steps: int | None = Field(None, gt=0, description="optimizer steps per probe (default 50 unless epochs)")
+    steps: int | None = Field(
+        None, gt=0, le=MAX_STEPS, description="optimizer steps per probe (default 50 unless epochs)"
+    )
     epochs: float | None = Field(None, gt=0, description="passes over the task's data, instead of steps")
     lr: float = Field(2e-4, gt=0, description="probe learning rate")
     rank: int = Field(16, gt=0, description="LoRA rank of a lora probe")
@@ -75,7 +91,7 @@ class PlanSpec(_Section):
     order: Literal["random", "size", "union", "given"] = Field(
         "random", description="stage order of the groups; 'given': plan.groups, in that order, are the stages"
     )
-    seed: int = Field(0, description="seed of the random order and of random baseline groups")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="seed of the random order and of random baseline groups")
     freeze: Literal["previous", "all", "none"] = Field(
         "previous", description="cores locked in a stage: earlier groups', all other groups', or none (ablation)"
     )
@@ -97,7 +113,9 @@ class FusionSpec(_Section):
 class StageSpec(_Budget):
     """Step 4: the budget and data of each stage."""
 
-    steps: int | None = Field(None, gt=0, description="optimizer steps per stage (default 50 unless epochs)")
+    steps: int | None = Field(
+        None, gt=0, le=MAX_STEPS, description="optimizer steps per stage (default 50 unless epochs)"
+    )
     epochs: float | None = Field(None, gt=0, description="passes over the stage's sampled data, instead of steps")
     lr: float = Field(2e-4, gt=0, description="stage learning rate")
     sample: float = Field(0.5, gt=0, le=1, description="fraction of each task's training data a stage samples")
@@ -113,7 +131,7 @@ class TrainingSpec(_Section):
     grad_accum: int = Field(1, gt=0, description="gradient accumulation steps")
     max_seq_len: int = Field(256, ge=8, description="tokens per example, prompt and answer")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    seed: int = Field(0, description="training seed; one run of a recipe is one seed")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="training seed; one run of a recipe is one seed")
     save_steps: int = Field(50, gt=0, description="checkpoint every this many steps (a killed run resumes there)")
     fsdp: bool = Field(False, description="dense mode on GPUs: shard weights, gradients, optimizer state (FSDP2)")
 
@@ -127,6 +145,7 @@ class EvalSpec(_Section):
     items: int | None = Field(
         None,
         gt=0,
+        le=MAX_ITEMS,
         description="score on this many held-out items per task instead of each task's `eval`: rescores a finished "
         "run without redoing any training (a task's training items never depend on its eval count)",
     )
@@ -221,6 +240,8 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise ValueError(f"{path} is over {MAX_RECIPE_BYTES >> 20} MiB, which no recipe needs: is it the right file?")
     data = _yaml(path.read_text(), f"{path}", "fix the YAML")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a recipe is a YAML mapping of sections (model:, tasks:, ...), not {type(data)}")
@@ -245,8 +266,20 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
         raise ValueError(f"{path}: {problems}") from None
 
 
+class _NoAliases(yaml.SafeLoader):
+    """safe_load without aliases (`*name`): a few nested aliases expand a small file past any memory."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in a recipe: write the value out", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
 def _yaml(text: str, what: str, fix: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_NoAliases)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
-        raise ValueError(f"{what} is not valid YAML ({e}); {fix}") from None
+        raise ValueError(f"{what} is not valid YAML ({' '.join(str(e).split())}); {fix}") from None

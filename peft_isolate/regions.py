@@ -401,7 +401,11 @@ class Checkpoint:
         elif path.is_dir():
             index = path / "model.safetensors.index.json"
             if index.is_file():
-                files = sorted({path / f for f in load_json(index)["weight_map"].values()})
+                listing = load_json(index)
+                weight_map = listing.get("weight_map") if isinstance(listing, dict) else None
+                if not isinstance(weight_map, dict):
+                    raise ValueError(f"{index} has no weight_map: re-save the model with save_pretrained")
+                files = sorted({path / f for f in weight_map.values()})
             else:
                 files = sorted(f for f in path.glob("*.safetensors") if f.name != "adapter_model.safetensors")
             if not files:
@@ -857,6 +861,15 @@ def core_count(p: float, total: int) -> int:
     return int(Decimal(repr(float(p))) * total)
 
 
+def check_keeps_an_entry(p: float, largest: int, scope: str = "global") -> None:
+    """Refuse a `p` that selects nothing even from the `largest` group of entries a core is taken over."""
+    if not core_count(p, largest):
+        raise ValueError(
+            f"p={p!r} keeps no entry (floor(p x {largest:,}) is 0 even for the largest {scope} group of entries): "
+            f"a p of at least 1/{largest} (about {1 / largest:.2e}) keeps one"
+        )
+
+
 def layer_of(name: str) -> str:
     """The group a parameter belongs to under scope="layer": its block (`...layers.N`), else itself."""
     m = _LAYER.match(name)
@@ -906,6 +919,8 @@ def find_core_regions(
     for n in order:
         members.setdefault(group_of[n], []).append(n)
     left = {g: sum(numel[n] for n in ns) for g, ns in members.items()}
+    if left:
+        check_keeps_an_entry(p, max(left.values()), scope)
     selectors = {g: _TopK(core_count(p, d), d, chunk_size) for g, d in left.items()}
     indices: dict[str, torch.Tensor] = {}
     zeros = 0

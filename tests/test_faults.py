@@ -180,8 +180,9 @@ def _assert_same_result(out: Path, ref: Path) -> None:
 
 
 def _temp_files(out: Path) -> list[str]:
-    """Leftovers of interrupted atomic writes: `.<name>.<random>.tmp` files and `.<name>.tmp` folders."""
-    return sorted(str(p.relative_to(out)) for p in out.rglob(".*"))
+    """Leftovers of interrupted atomic writes: `.<name>.<random>.tmp` files and folders, `.<name>.old` folders
+    (every dot-file but the run directory's lock)."""
+    return sorted(str(p.relative_to(out)) for p in out.rglob(".*") if p != out / ".lock")
 
 
 def _safetensors_content(data: bytes) -> tuple[dict[str, list], dict[str, str]]:
@@ -472,10 +473,88 @@ def test_atomic_writes_follow_the_umask_and_replace_folders_whole(tmp_path):
     save_json({"a": 1}, tmp_path / "x.json")
     for text in ("old", "new"):
         with atomic_dir(tmp_path / "d") as d:
-            d.mkdir()
             (d / "f").write_text(text)
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o666 & ~mask
     assert (tmp_path / "d" / "f").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "x.json"]
+
+
+# --- 4. other writers: a second run, a person's files, a killed write's temporaries ------------------------------
+
+
+def _copy_of(reference, tmp_path, **changes) -> tuple[Path, Path]:
+    """A copy of the reference run directory and a recipe for it (with `changes`): complete under its keys."""
+    ref_recipe, ref_out = reference
+    out = tmp_path / "copy"
+    shutil.copytree(ref_out, out)
+    return _with(ref_recipe, out, **changes), out
+
+
+def test_a_second_run_on_a_held_directory_is_refused_and_a_dead_runs_lock_is_taken_over(reference, tmp_path):
+    ref_recipe, ref_out = reference
+    out = tmp_path / "shared"
+    recipe = _with(ref_recipe, out)
+    proc = _start(recipe, tmp_path / "first.log")
+    try:
+        deadline = time.time() + 120
+        while not (out / "probes").exists() and proc.is_alive() and time.time() < deadline:
+            time.sleep(0.01)
+        assert proc.is_alive(), (tmp_path / "first.log").read_text()[-3000:]
+        with pytest.raises(FileExistsError, match=rf"in use by another run \(process {proc.pid}, which holds"):
+            run_pipeline(load_recipe(recipe))
+        os.kill(proc.pid, signal.SIGKILL)  # its lock file stays, with its pid; the kernel released the lock
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join()
+    assert (out / ".lock").read_text().strip() == str(proc.pid)
+    _run(recipe, tmp_path / "rerun.log")  # takes the dead run's lock over
+    _assert_same_result(out, ref_out)
+
+
+def test_files_the_tool_did_not_write_are_never_deleted(reference, tmp_path):
+    """A non-empty folder without state.json is refused; inside a run directory, a step that is redone refuses
+    to replace an artifact holding a file it did not write, and a step whose artifact path a person filled first
+    refuses too. Every such file is left as it was."""
+    ref_recipe, _ = reference
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds files but is not a peft-isolate run directory"):
+        run_pipeline(load_recipe(_with(ref_recipe, foreign)))
+    assert [p.name for p in foreign.iterdir()] == ["thesis.tex"]
+
+    data = yaml.safe_load(ref_recipe.read_text())
+    recipe, out = _copy_of(reference, tmp_path, stages={**data["stages"], "lr": 5e-3})
+    (out / "stages" / "0" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"stages/0/notes.txt was not written by peft-isolate"):
+        run_pipeline(load_recipe(recipe))
+    assert (out / "stages" / "0" / "notes.txt").read_text() == "mine"
+
+    recipe, out = _copy_of(reference, tmp_path / "b", eval={**data["eval"], "max_new_tokens": 3})
+    shutil.rmtree(out / "eval")
+    (out / "eval").mkdir()
+    (out / "eval" / "base.json").write_text('{"mine": 1}')
+    for record in ("artifacts.json", "state.json"):  # as if no run ever wrote eval/base.json
+        entries = json.loads((out / record).read_text())
+        (out / record).write_text(json.dumps({k: v for k, v in entries.items() if k != "eval:base"}))
+    with pytest.raises(FileExistsError, match=r"eval/base.json was not written by peft-isolate"):
+        run_pipeline(load_recipe(recipe))
+    assert (out / "eval" / "base.json").read_text() == '{"mine": 1}'
+
+
+def test_a_rerun_removes_what_killed_atomic_writes_left_and_nothing_else(reference, tmp_path):
+    recipe, out = _copy_of(reference, tmp_path)
+    leftovers = [out / ".recipe.json.k3x9_q2a.tmp", out / "cores" / ".upper.safetensors.0a1b2c3d.tmp"]
+    for f in leftovers:
+        f.write_bytes(b"half a write")
+    (out / "stages" / ".0.old").mkdir()
+    (out / "stages" / ".0.old" / "adapter_model.safetensors").write_bytes(b"old")
+    kept = [out / ".my-notes.tmp", out / "cores" / ".upper.safetensors.bak"]  # not names atomic writes make
+    for f in kept:
+        f.write_text("mine")
+    run_pipeline(load_recipe(recipe))
+    assert not any(f.exists() for f in [*leftovers, out / "stages" / ".0.old"])
+    assert all(f.read_text() == "mine" for f in kept)

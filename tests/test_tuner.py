@@ -9,7 +9,6 @@ import pytest
 import torch
 from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from peft.utils.peft_types import PeftType
-from tiny import tiny_llama
 
 import peft_isolate
 from peft_isolate import IsolationConfig
@@ -437,12 +436,15 @@ def test_regions_naming_untargeted_weights_are_refused(load_tiny, tmp_path):
 
 
 def test_regions_of_other_shapes_leave_the_model_unchanged(load_tiny, tmp_path):
-    """A regions file made for a wider model is refused before injection: the caller's model is as it was."""
-    wide, _ = tiny_llama(hidden_size=128)
-    regions = _regions_file(tmp_path / "r.safetensors", wide, lambda n: torch.arange(0, n, 5))
+    """A regions file whose last weight was made for another shape is refused before injection: the caller's model
+    is as it was (before, the layers injected ahead of the bad one stayed)."""
     model = load_tiny()
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if n.endswith("proj.weight")}
+    last = list(shapes)[-1]
+    shapes[last] = (shapes[last][0], 2 * shapes[last][1])
+    regions = _regions_file(tmp_path / "r.safetensors", model, lambda n: torch.arange(0, n, 5), shapes)
     before = {n: type(m) for n, m in model.named_modules()}
-    with pytest.raises(ValueError, match=r"has shape \(128, 128\) but the model's weight is \(64, 64\)"):
+    with pytest.raises(ValueError, match=rf"{last} has shape \(64, 256\) but the model's weight is \(64, 128\)"):
         get_peft_model(model, IsolationConfig(target_modules="all-linear", init="regions", regions=str(regions)))
     assert {n: type(m) for n, m in model.named_modules()} == before
 
