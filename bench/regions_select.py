@@ -31,7 +31,10 @@ from pathlib import Path
 import torch
 
 from peft_isolate._io import TensorReader, save_json, save_tensors, write_atomic
-from peft_isolate.regions import CheckpointDelta, CoreRegions, find_core_regions, jaccard, overlap_matrix
+from peft_isolate.plan import jaccard, overlap_matrix
+from peft_isolate.regions import CoreRegions
+from peft_isolate.selection import find_core_regions
+from peft_isolate.sources import CheckpointDelta
 
 VOCAB = 32000
 SHARD_BYTES = 1 << 30

@@ -14,6 +14,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .export import RULES
+from .models import QUANTIZATIONS
+from .plan import FREEZES, ORDERS
+from .selection import SCOPES
+
 Handler = Callable[[argparse.Namespace], "int | None"]
 _COMMANDS: dict[str, tuple[str, Handler]] = {}
 
@@ -108,11 +113,12 @@ def output_dir(text: str) -> Path:
 @arg("--adapter", help="isolation adapter directory (its sparse delta); needs --base for the weight shapes")
 @arg("--base", help="base checkpoint (directory or .safetensors) the probe started from")
 @arg("--p", type=float, default=0.01, help="fraction of entries to keep, in (0, 1] (default 0.01)")
-@arg("--scope", choices=["global", "layer", "matrix"], default="global", help="where the top p is taken")
+@arg("--scope", choices=SCOPES, default="global", help="where the top p is taken")
 @arg("--include", metavar="REGEX", help="only parameters whose name matches (e.g. the targeted linear weights)")
 @arg("--out", required=True, type=output_file, help="output file, e.g. cores/math.safetensors")
 def regions(args: argparse.Namespace) -> None:
-    from .regions import CheckpointDelta, IsolationDelta, LoraDelta, find_core_regions
+    from .selection import find_core_regions
+    from .sources import CheckpointDelta, IsolationDelta, LoraDelta
 
     given = [f for f in ("tuned", "lora", "adapter") if getattr(args, f)]
     if len(given) != 1:
@@ -148,9 +154,9 @@ def regions(args: argparse.Namespace) -> None:
 @command("plan", "Group tasks by core-region overlap into stages; write plan.json and a heatmap PNG.")
 @arg("cores", nargs="+", help="core-region files, one per task (the task is the file's stem)")
 @arg("--tau", type=float, default=0.1, help="link tasks with Jaccard >= tau (0: one group)")
-@arg("--order", choices=["random", "size", "union"], default="random", help="stage order of the groups")
+@arg("--order", choices=ORDERS, default="random", help="stage order of the groups")
 @arg("--seed", type=seed, default=0, help="seed of the random order")
-@arg("--freeze", choices=["previous", "all", "none"], default="previous", help="cores frozen in a stage")
+@arg("--freeze", choices=FREEZES, default="previous", help="cores frozen in a stage")
 @arg("--out", default="plan.json", type=output_file, help="plan file; the heatmap goes beside it as .png")
 def plan(args: argparse.Namespace) -> None:
     from .plan import draw_overlap, format_plan, plan_stages
@@ -215,6 +221,7 @@ def validate(args: argparse.Namespace) -> None:
 def demo(args: argparse.Namespace) -> int:
     import torch
 
+    from .evaluate import probe_lift
     from .pipeline import run_pipeline
     from .recipe import load_recipe
 
@@ -228,8 +235,7 @@ def demo(args: argparse.Namespace) -> int:
     recipe = load_recipe(DEMO_RECIPE, overrides)
     results = run_pipeline(recipe)
     print((Path(recipe.output_dir) / "results.md").read_text())
-    methods, majority = results["methods"], results["majority"]
-    lift = {t: score - max(methods["base"]["tasks"][t], majority[t]) for t, score in methods["probe"]["tasks"].items()}
+    lift = probe_lift(results)
     weak = [t for t, gain in lift.items() if gain < args.margin]
     if weak:
         print(
@@ -264,7 +270,7 @@ def _print_report(report: dict) -> None:
 )
 @arg("--compact", action="store_true", help="indices as gaps in the smallest integer type (about half the file)")
 @arg("--base", help="base model (directory, .gguf or alias) for shapes and fingerprint (default: the adapter's)")
-@arg("--quantization", choices=["none", "nf4", "int8"], default="none", help="fingerprint the base loaded so")
+@arg("--quantization", choices=QUANTIZATIONS, default="none", help="fingerprint the base loaded so")
 def export(args: argparse.Namespace) -> None:
     import torch
 
@@ -286,7 +292,7 @@ def export(args: argparse.Namespace) -> None:
 @arg("model", help="model directory, .gguf or alias")
 @arg("delta", help="sparse-delta file")
 @arg("--out", required=True, type=output_dir, help="new, empty output model directory")
-@arg("--quantization", choices=["none", "nf4", "int8"], default="none", help="load the model so first")
+@arg("--quantization", choices=QUANTIZATIONS, default="none", help="load the model so first")
 @arg("--force", action="store_true", help="apply even if the delta was made for another base fingerprint")
 def apply(args: argparse.Namespace) -> None:
     from transformers import AutoConfig
@@ -319,7 +325,7 @@ def merge(args: argparse.Namespace) -> None:
 @command("compose", "Combine sparse deltas: disjoint supports add exactly; overlaps need a rule.")
 @arg("deltas", nargs="+", help="sparse-delta files")
 @arg("--out", required=True, type=output_file, help="output sparse-delta file")
-@arg("--rule", choices=["sum", "magnitude_prune", "ties", "dare_linear", "dare_ties"], help="rule for overlaps")
+@arg("--rule", choices=list(RULES), help="rule for overlaps")
 @arg("--weights", type=float, nargs="+", help="one weight per delta (default 1)")
 @arg("--density", type=float, help="kept fraction of the union of supports, per delta, for ties/dare/magnitude_prune")
 @arg("--seed", type=seed, default=0, help="seed of DARE's random drop")

@@ -106,6 +106,13 @@ def method_entry(scores: Scores) -> dict[str, Any]:
     }
 
 
+def probe_lift(results: dict[str, Any]) -> dict[str, float]:
+    """Per task, how far its single-task probe scores above the better of the base model and the majority answer:
+    a task whose probe does not learn it cannot show a seesaw."""
+    methods, majority = results["methods"], results["majority"]
+    return {t: s - max(methods["base"]["tasks"][t], majority[t]) for t, s in methods["probe"]["tasks"].items()}
+
+
 def write_results(out_dir: str | os.PathLike, results: dict[str, Any]) -> dict[str, Path]:
     """Write results.json, results.md and scores.png atomically into `out_dir`; return their paths.
 

@@ -35,7 +35,8 @@ from peft.utils.integrations import get_bnb_param_type
 from torch import nn
 
 from ._io import TensorReader, atomic_dir, check_new_output, load_json, load_tensors, save_tensors
-from .regions import Checkpoint, IsolationDelta, as_index_set, read_adapter_config
+from .regions import as_index_set
+from .sources import Checkpoint, IsolationDelta, read_adapter_config
 from .tuner.layer import dequantized_weight, store_weight
 
 FORMAT = "peft-isolate/sparse-delta"

@@ -22,7 +22,8 @@ from ._io import atomic_dir
 
 logger = logging.getLogger(__name__)
 
-Quantization = Literal["nf4", "int8", "none"]
+QUANTIZATIONS = ("nf4", "int8", "none")
+Quantization = Literal[QUANTIZATIONS]
 
 # alias -> (python package holding the GGUF file, file name inside it, pip requirement)
 ALIASES: dict[str, tuple[str, str, str]] = {
@@ -103,7 +104,7 @@ def load_model(
     `dtype` is the weight dtype for "none" and the compute dtype for "nf4"; it defaults to fp32 on CPU and
     bf16 on CUDA. `device` defaults to CUDA when available, else CPU (bitsandbytes has a CPU backend).
     """
-    if quantization not in ("nf4", "int8", "none"):
+    if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be 'nf4', 'int8' or 'none', got {quantization!r}")
     path = resolve_model(name_or_path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -31,18 +31,25 @@ from .fusion import fuse_deltas
 from .models import load_model, resolve_model
 from .plan import StagePlan, draw_overlap, format_plan, plan_stages
 from .recipe import Recipe, TaskSpec
-from .regions import (
-    Checkpoint,
-    CheckpointDelta,
-    CoreRegions,
-    DeltaSource,
-    IsolationDelta,
-    LoraDelta,
-    check_keeps_an_entry,
-    find_core_regions,
-)
+from .regions import CoreRegions
+from .selection import check_keeps_an_entry, find_core_regions
+from .sources import Checkpoint, CheckpointDelta, DeltaSource, IsolationDelta, LoraDelta
 from .training import TrainSettings, completed_checkpoint, gathered_state_dict, processes, train
 from .tuner import IsolationConfig
+
+# What each step's key hashes of the recipe, besides the keys of the steps it starts from (in brackets): a step
+# runs again exactly when one of these sections or an upstream key changed, e.g. `fusion.omega` redoes the fused
+# start and, through its key, every CPI-FT stage and evaluation after it, and nothing else.
+STEP_INPUTS: dict[str, tuple[str, ...]] = {
+    "probe": ("model", "quantization", "mode", "target_modules", "probe", "training"),  # [the task's data]
+    "cores": ("regions",),  # [the task's probe]
+    "plan": ("plan",),  # [every probe, regions]
+    "fused": ("fusion",),  # [every probe, regions, the backbone's stages]
+    "stages": ("stages", "training"),  # [plan, fused start, the stage before]
+    "lora_multitask": ("stages", "training"),  # [plan, rank, steps]
+    "eval": ("eval",),  # [the method's artifact]
+    "base": ("model", "quantization"),  # [every task's data]
+}
 
 
 def _hash(*parts: str) -> str:
@@ -94,6 +101,10 @@ class Run:
             save_json({**state, name: key}, state_path)
         processes().wait_for_everyone()
         return artifact
+
+    def inputs(self, step: str) -> str:
+        """The hash of the recipe sections `step` depends on (`STEP_INPUTS`)."""
+        return self.recipe.section_hash(*STEP_INPUTS[step])
 
     def settings(self, steps: int, lr: float) -> TrainSettings:
         """The training settings of one step of the run."""
@@ -170,10 +181,7 @@ def _task_key(spec: TaskSpec) -> str:
 
 def probe_key(run: Run, task: str) -> str:
     """What a task's probe depends on: the model, mode, targets, probe and training settings, its own data."""
-    r = run.recipe
-    return _hash(
-        r.section_hash("model", "quantization", "mode", "target_modules", "probe", "training"), run.task_keys[task]
-    )
+    return _hash(run.inputs("probe"), run.task_keys[task])
 
 
 def _train_single_adapter(
@@ -236,7 +244,7 @@ def run_lora_multitask(run: Run, support: CoreRegions, steps: int, key: str) -> 
     fan = sum(sum(support.shapes[n]) for n in matrices)
     rank = max(1, round(sum(support.indices[n].numel() for n in matrices) / fan))
     r = run.recipe
-    key = _hash(key, str(rank), str(steps), r.section_hash("stages", "training"))
+    key = _hash(key, str(rank), str(steps), run.inputs("lora_multitask"))
     tasks = list(run.tasks)  # on the data the staged baselines see: each task sampled to stages.sample
     return _train_single_adapter(
         run, "lora_multitask", key, tasks, steps, r.stages.lr, "lora", rank, fraction=r.stages.sample
@@ -263,7 +271,7 @@ def run_regions(run: Run, task: str, start: tuple[Path, str] | None = None, labe
     def work():
         find_core_regions(delta_source(run, probe, reference), r.regions.p, r.regions.scope).save(path)
 
-    run.step(f"cores:{task}{label}", _hash(key, r.section_hash("regions")), path, work)
+    run.step(f"cores:{task}{label}", _hash(key, run.inputs("cores")), path, work)
     return CoreRegions.load(path)
 
 
@@ -272,7 +280,7 @@ def run_regions(run: Run, task: str, start: tuple[Path, str] | None = None, labe
 
 def cores_key(run: Run) -> str:
     """What the set of cores depends on: every probe and the regions settings."""
-    return _hash(*(probe_key(run, t) for t in run.tasks), run.recipe.section_hash("regions"))
+    return _hash(*(probe_key(run, t) for t in run.tasks), run.inputs("cores"))
 
 
 def run_plan(run: Run, cores: dict[str, CoreRegions]) -> StagePlan:
@@ -287,7 +295,7 @@ def run_plan(run: Run, cores: dict[str, CoreRegions]) -> StagePlan:
         draw_overlap(plan, run.out / "overlap.png")
         plan.save(path)
 
-    run.step("plan", _hash(cores_key(run), r.section_hash("plan")), path, work)
+    run.step("plan", _hash(cores_key(run), run.inputs("plan")), path, work)
     plan = StagePlan.load(path)
     print(format_plan(plan))
     return plan
@@ -367,7 +375,7 @@ def run_fusion(
 
 def fusion_key(run: Run, backbone: tuple[Path, str] | None) -> str:
     """What the fused starting point depends on: the cores, the fusion settings and the backbone's own key."""
-    return _hash(cores_key(run), run.recipe.section_hash("fusion"), backbone[1] if backbone else "")
+    return _hash(cores_key(run), run.inputs("fused"), backbone[1] if backbone else "")
 
 
 # --- step 4: stages with frozen cores ------------------------------------------------------------------------
@@ -450,7 +458,7 @@ def train_stages(
         if refine is not None and k:
             job = refine(k, done[-1])
         out = run.out / name / str(k)
-        key = _hash(key, str(k), str(job.tasks), str(job.steps), r.section_hash("stages", "training"))
+        key = _hash(key, str(k), str(job.tasks), str(job.steps), run.inputs("stages"))
 
         def work(k=k, job=job, previous=previous, out=out, key=key):
             model, tokenizer = run.load(previous) if k else _first_stage(run, start)
@@ -516,7 +524,7 @@ def run_evaluations(run: Run, methods: dict[str, tuple[Path | None, str]]) -> di
             scores = evaluate(model, tokenizer, tasks, r.eval.max_new_tokens, r.eval.batch_size)
             save_json(method_entry(scores), path)
 
-        run.step(f"eval:{method}", _hash(key, r.section_hash("eval")), path, work)
+        run.step(f"eval:{method}", _hash(key, run.inputs("eval")), path, work)
         entry = results["methods"].setdefault(kind, {"tasks": {}, "exact": {}})
         for field, values in load_json(path).items():
             if field != "avg":
@@ -562,7 +570,7 @@ def _run_steps(recipe: Recipe, until: str) -> dict | None:
     support = support_of(cores)
     if main:
         support.save(run.out / "support.safetensors")
-    base_key = _hash(cores_key(run), recipe.section_hash("plan"))
+    base_key = _hash(cores_key(run), run.inputs("plan"))
     backbone = start = None
     if recipe.fusion.enabled:
         if recipe.backbone == "multistage":
@@ -572,7 +580,7 @@ def _run_steps(recipe: Recipe, until: str) -> dict | None:
     if last < STEPS.index("train-stage"):
         return None
     methods: dict[str, tuple[Path | None, str]] = {
-        "base": (None, _hash(recipe.section_hash("model", "quantization"), *run.task_keys.values()))
+        "base": (None, _hash(run.inputs("base"), *run.task_keys.values()))
     }
     methods |= {f"probe:{t}": (run.out / "probes" / t, probe_key(run, t)) for t in run.tasks}
     key = _hash(base_key, fusion_key(run, backbone) if start else "")

@@ -6,6 +6,7 @@ are the groups; one group trains per stage while earlier groups' cores stay froz
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import warnings
@@ -17,11 +18,71 @@ from pathlib import Path
 import torch
 
 from ._io import atomic_path, load_json, save_json
-from .regions import CoreRegions, chance_matrix, overlap_matrix
+from .regions import CoreRegions, intersection_size
 
 ORDERS = ("random", "size", "union")
 FREEZES = ("previous", "all", "none")
 FORMAT = "peft-isolate/stage-plan"
+
+
+# ------------------------------------------------------------------------------ overlap of core regions
+
+
+def jaccard(a: CoreRegions, b: CoreRegions) -> float:
+    """|A ∩ B| / |A ∪ B| over all parameters (0 when both are empty)."""
+    inter = sum(
+        intersection_size(a.indices[n].numpy(), b.indices[n].numpy()) if n in b.indices else 0 for n in a.indices
+    )
+    union = a.size + b.size - inter
+    return inter / union if union else 0.0
+
+
+def expected_jaccard(size_a: int, size_b: int, total: int) -> float:
+    """Expected Jaccard of two uniformly random sets of the given sizes out of `total` entries (chance level).
+
+    Exact: the intersection is hypergeometric; the sum runs over mean ± 40 sd, beyond which terms vanish.
+    """
+    if not 0 <= size_a <= total or not 0 <= size_b <= total:
+        raise ValueError(f"set sizes {size_a} and {size_b} must lie in [0, total={total}]")
+    if size_a + size_b == 0:
+        return 0.0
+    lo, hi = max(0, size_a + size_b - total), min(size_a, size_b)
+    mean = size_a * size_b / total
+    var = size_a * size_b * (total - size_a) * (total - size_b) / (total**2 * max(total - 1, 1))
+    width = 40 * math.sqrt(var) + 2
+    k = torch.arange(max(lo, math.floor(mean - width)), min(hi, math.ceil(mean + width)) + 1, dtype=torch.float64)
+
+    def log_comb(n: float, r: torch.Tensor) -> torch.Tensor:
+        return torch.lgamma(torch.tensor(n + 1.0, dtype=torch.float64)) - torch.lgamma(r + 1) - torch.lgamma(n - r + 1)
+
+    logp = log_comb(size_a, k) + log_comb(total - size_a, size_b - k)
+    w = torch.exp(logp - logp.max())
+    return float((w * k / (size_a + size_b - k)).sum() / w.sum())
+
+
+def overlap_matrix(regions: Mapping[str, CoreRegions]) -> torch.Tensor:
+    """Pairwise Jaccard of several tasks' core regions, in the mapping's order (float64, symmetric)."""
+    tasks = list(regions)
+    m = torch.zeros(len(tasks), len(tasks), dtype=torch.float64)
+    for i, a in enumerate(tasks):
+        m[i, i] = 1.0 if regions[a].size else 0.0
+        for j in range(i + 1, len(tasks)):
+            m[i, j] = m[j, i] = jaccard(regions[a], regions[tasks[j]])
+    return m
+
+
+def chance_matrix(regions: Mapping[str, CoreRegions], universe: int | None = None) -> torch.Tensor:
+    """Expected Jaccard of random sets with each pair's sizes over the entries they could lie at: `universe`
+    when the cores come from updates confined to one shared support (sparse probes), else every entry of the
+    union of their shapes."""
+    tasks = list(regions)
+    m = torch.zeros(len(tasks), len(tasks), dtype=torch.float64)
+    for i, a in enumerate(tasks):
+        for j in range(i, len(tasks)):
+            b = tasks[j]
+            total = universe or sum(math.prod(s) for s in {**regions[a].shapes, **regions[b].shapes}.values())
+            m[i, j] = m[j, i] = expected_jaccard(regions[a].size, regions[b].size, total)
+    return m
 
 
 @dataclass

@@ -13,6 +13,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .models import QUANTIZATIONS
+from .plan import FREEZES, ORDERS
+from .selection import SCOPES
+
 TASK_NAME = re.compile(r"[A-Za-z0-9_-]+")  # task names become file names
 RG_PREFIX = "reasoning_gym:"  # a task source naming a reasoning-gym generator
 SEED_MAX = 2**32 - 1  # numpy's and reasoning-gym's generators take seeds in [0, 2**32)
@@ -81,18 +85,18 @@ class RegionSpec(_Section):
     """Step 1: how many entries a core holds and over what the top-p is taken."""
 
     p: float = Field(0.01, gt=0, le=1, description="fraction of the entries in each task's core")
-    scope: Literal["global", "layer", "matrix"] = Field("global", description="where the top-p is taken")
+    scope: Literal[SCOPES] = Field("global", description="where the top-p is taken")
 
 
 class PlanSpec(_Section):
     """Step 2: grouping tasks by core overlap into ordered stages, and what each stage locks."""
 
     tau: float = Field(0.1, ge=0, description="Jaccard threshold linking two tasks into one group")
-    order: Literal["random", "size", "union", "given"] = Field(
+    order: Literal[(*ORDERS, "given")] = Field(
         "random", description="stage order of the groups; 'given': plan.groups, in that order, are the stages"
     )
     seed: int = Field(0, ge=0, le=SEED_MAX, description="seed of the random order and of random baseline groups")
-    freeze: Literal["previous", "all", "none"] = Field(
+    freeze: Literal[FREEZES] = Field(
         "previous", description="cores locked in a stage: earlier groups', all other groups', or none (ablation)"
     )
     groups: list[list[str]] | None = Field(
@@ -158,7 +162,7 @@ class Recipe(_Section):
     """A whole CPI-FT run: one YAML file, one seed."""
 
     model: str = Field("smollm2-135m", description="built-in alias, HF model directory or .gguf file")
-    quantization: Literal["nf4", "int8", "none"] = Field("nf4", description="how the base is loaded")
+    quantization: Literal[QUANTIZATIONS] = Field("nf4", description="how the base is loaded")
     mode: Literal["adapter", "dense"] = Field("adapter", description="sparse deltas on a frozen base, or paper mode")
     target_modules: str | list[str] = Field("all-linear", description="linear layers the adapter targets")
     tasks: dict[str, TaskSpec] = Field(description="task name -> data source")

@@ -59,7 +59,9 @@ def test_generation_batched_equals_unbatched_and_restores_state(tiny):
     assert model.training and tok.padding_side == "right"
 
 
-def test_evaluate_scores_in_unit_interval(tiny, tmp_path):
+def test_evaluate_scores_each_task_on_its_own_items(tiny, tmp_path, monkeypatch):
+    """Two tasks in one call: each is scored on its own held-out items only (3 of 4 right is 0.75, 1 of 6 right is
+    1/6), whatever the real model would generate."""
     model, tok = tiny
     rows = [{"prompt": f"{i}+{i}?", "response": str(2 * i)} for i in range(12)]
     (tmp_path / "add.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -67,10 +69,11 @@ def test_evaluate_scores_in_unit_interval(tiny, tmp_path):
         load_task("reasoning_gym:spell_backward", train=10, eval=6, seed=0),
         load_task(str(tmp_path / "add.jsonl"), eval=4),
     ]
+    right = {prompt_text(e, tok): e.answer for e in tasks[0].eval[:1] + tasks[1].eval[:3]}
+    monkeypatch.setattr(ev, "generate", lambda model, tokenizer, prompts, *a, **k: [right.get(p, "x") for p in prompts])
     scores = evaluate(model, tok, tasks, max_new_tokens=4, batch_size=4)
-    assert set(scores) == {"spell_backward", "add"}
-    for s in scores.values():
-        assert set(s) == {"score", "exact"} and 0.0 <= s["score"] <= 1.0 and 0.0 <= s["exact"] <= 1.0
+    assert scores["add"] == {"score": 0.75, "exact": 0.75}
+    assert scores["spell_backward"]["exact"] == pytest.approx(1 / 6)
 
 
 def test_evaluate_scores_with_the_task_scorer(tiny, monkeypatch):

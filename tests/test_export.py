@@ -1,4 +1,4 @@
-"""Export and compose (issue 7): sparse-delta files, apply to a model, stream-merge into checkpoints, composition."""
+"""Export and compose: sparse-delta files, apply to a model, stream-merge into checkpoints, composition."""
 
 from __future__ import annotations
 

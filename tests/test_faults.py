@@ -1,4 +1,4 @@
-"""Reliability (issue 7): a pipeline run that is killed, runs out of disk or finds a damaged artifact either
+"""Reliability: a pipeline run that is killed, runs out of disk or finds a damaged artifact either
 recovers to exactly what an unbroken run gives or stops with an error that names the file.
 
 Every scenario starts from the recipe of tests/test_pipeline.py (tiny Llama, two tiny JSONL tasks) as
@@ -28,10 +28,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from runs import final_adapter, with_changes
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file
-from test_pipeline import recipe_file  # noqa: F401 (fixture)
-from test_resume import _final, _with
 
 from peft_isolate import pipeline, training
 from peft_isolate._io import save_pretrained_atomic
@@ -106,7 +105,7 @@ def reference(recipe_file, tmp_path_factory):  # noqa: F811
     (same task files, so the same step keys)."""
     if "reference" not in _CACHE:
         out = tmp_path_factory.mktemp("reference") / "whole"
-        recipe = _with(recipe_file, out)
+        recipe = with_changes(recipe_file, out)
         run_pipeline(load_recipe(recipe))  # in this process: one interpreter start less
         _CACHE["reference"] = (recipe, out)
     return _CACHE["reference"]
@@ -167,7 +166,7 @@ def _assert_trusted_files_load(out: Path) -> None:
 
 def _assert_same_result(out: Path, ref: Path) -> None:
     """The final adapter within ATOL of the reference's and results.json's scores equal."""
-    a, b = _final(ref), _final(out)
+    a, b = final_adapter(ref), final_adapter(out)
     assert a.keys() == b.keys()
     for key in a:
         if a[key].is_floating_point():
@@ -231,7 +230,7 @@ def test_sigkill_at_a_random_point_then_rerun_matches_an_unbroken_run(seed, refe
     rng = random.Random(seed)
     point, delay = rng.choice(KILL_POINTS[seed % len(KILL_POINTS)]), rng.uniform(0.0, 0.2)
     out = tmp_path / "broken"
-    recipe = _with(ref_recipe, out)
+    recipe = with_changes(ref_recipe, out)
     log = tmp_path / "killed.log"
     proc = _start(recipe, log)
     try:
@@ -262,7 +261,7 @@ def test_kill_while_finished_checkpoints_are_deleted_does_not_wedge_the_step(ref
     in directory order); the rerun must not resume from it (it should train afresh to the same adapter)."""
     ref_recipe, ref_out = reference
     out = tmp_path / "run"
-    recipe = load_recipe(_with(ref_recipe, out))
+    recipe = load_recipe(with_changes(ref_recipe, out))
 
     def rmtree(path, *args, **kwargs):
         path = Path(path)
@@ -296,7 +295,7 @@ def test_artifact_redone_for_another_recipe_is_not_trusted_for_the_old_one(refer
     ref_recipe, ref_out = reference
     out = tmp_path / "run"
     shutil.copytree(ref_out, out)
-    recipe_a = _with(ref_recipe, out)
+    recipe_a = with_changes(ref_recipe, out)
     data = yaml.safe_load(recipe_a.read_text())
     data["stages"]["lr"] = data["stages"]["lr"] / 2
     recipe_b = tmp_path / "b.yaml"
@@ -343,7 +342,7 @@ def full_disk(reference, tmp_path_factory):
     if "full_disk" not in _CACHE:
         ref_recipe, ref_out = reference
         out = tmp_path_factory.mktemp("full-disk") / "run"
-        recipe = _with(ref_recipe, out)
+        recipe = with_changes(ref_recipe, out)
         run_pipeline(load_recipe(recipe), "fuse")
         support = (out / "support.safetensors").stat().st_size
         stage = (ref_out / "stages" / "0" / "adapter_model.safetensors").stat().st_size
@@ -447,7 +446,7 @@ def test_truncated_artifact_is_redone_or_named(victim, reference, tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     try:
-        run_pipeline(load_recipe(_with(ref_recipe, out)))
+        run_pipeline(load_recipe(with_changes(ref_recipe, out)))
     except Exception as e:  # noqa: BLE001
         assert str(path) in str(e), f"the rerun failed without naming {path}: {type(e).__name__}: {e}"
         print(f"{victim}: the rerun fails naming it: {e}")
@@ -489,13 +488,13 @@ def _copy_of(reference, tmp_path, **changes) -> tuple[Path, Path]:
     ref_recipe, ref_out = reference
     out = tmp_path / "copy"
     shutil.copytree(ref_out, out)
-    return _with(ref_recipe, out, **changes), out
+    return with_changes(ref_recipe, out, **changes), out
 
 
 def test_a_second_run_on_a_held_directory_is_refused_and_a_dead_runs_lock_is_taken_over(reference, tmp_path):
     ref_recipe, ref_out = reference
     out = tmp_path / "shared"
-    recipe = _with(ref_recipe, out)
+    recipe = with_changes(ref_recipe, out)
     proc = _start(recipe, tmp_path / "first.log")
     try:
         deadline = time.time() + 120
@@ -523,7 +522,7 @@ def test_files_the_tool_did_not_write_are_never_deleted(reference, tmp_path):
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("mine")
     with pytest.raises(FileExistsError, match="holds files but is not a peft-isolate run directory"):
-        run_pipeline(load_recipe(_with(ref_recipe, foreign)))
+        run_pipeline(load_recipe(with_changes(ref_recipe, foreign)))
     assert [p.name for p in foreign.iterdir()] == ["thesis.tex"]
 
     data = yaml.safe_load(ref_recipe.read_text())

@@ -33,8 +33,13 @@ def test_hf_dir_is_returned_as_is(tiny_dir):
     assert resolve_model(str(tiny_dir)) == tiny_dir
 
 
-def test_cache_dir_follows_xdg(cache):
-    assert cache_dir() == cache
+def test_cache_dir_follows_xdg_else_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "peft-isolate" / "models"
+    for unset in (monkeypatch.delenv, lambda name: monkeypatch.setenv(name, "")):  # an empty XDG_CACHE_HOME is unset
+        unset("XDG_CACHE_HOME")
+        assert cache_dir() == tmp_path / "home" / ".cache" / "peft-isolate" / "models"
 
 
 @pytest.mark.parametrize("bad", ["no/such/model", "HuggingFaceTB/SmolLM2-135M-Instruct"])

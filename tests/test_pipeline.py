@@ -3,59 +3,16 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from runs import write_lines
 
 from peft_isolate.pipeline import run_pipeline
 from peft_isolate.recipe import load_recipe
 from peft_isolate.regions import CoreRegions
-
-
-def _write_task(path, make, n=48, seed=0):
-    rng = random.Random(seed)
-    return _write_lines(path, [make(rng) for _ in range(n)])
-
-
-def _write_lines(path, rows):
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return str(path)
-
-
-def _upper(rng):
-    word = "".join(rng.choice("abcdef") for _ in range(4))
-    return {"prompt": f"upper {word}", "response": word.upper()}
-
-
-def _count(rng):
-    word = "".join(rng.choice("ab") for _ in range(5))
-    return {"prompt": f"count a in {word}", "response": str(word.count("a"))}
-
-
-@pytest.fixture
-def recipe_file(tmp_path, tiny_dir):
-    recipe = {
-        "model": str(tiny_dir),
-        "quantization": "none",
-        "tasks": {
-            "upper": {"source": _write_task(tmp_path / "upper.jsonl", _upper), "eval": 8},
-            "count": {"source": _write_task(tmp_path / "count.jsonl", _count, seed=1), "eval": 8},
-        },
-        "probe": {"steps": 4, "lr": 1e-2, "rank": 4},  # lora in adapter mode, full in dense mode
-        "regions": {"p": 0.05},
-        "plan": {"tau": 0.9, "order": "size"},  # high tau: two stages, so the second one locks the first core
-        "stages": {"steps": 4, "lr": 1e-2, "sample": 1.0},
-        "training": {"batch_size": 4, "max_seq_len": 32, "weight_decay": 0.1},
-        "baselines": ["multitask", "multistage_random", "lora_multitask"],
-        "eval": {"max_new_tokens": 4, "batch_size": 8, "stages": True},
-        "output_dir": str(tmp_path / "run"),
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
 
 
 def _effective_weights(run_dir, stage, mode, base_dir):
@@ -166,7 +123,7 @@ def test_eval_items_rescores_a_finished_run_without_training_again(recipe_file, 
         rows = [json.loads(line) for line in Path(task["source"]).read_text().splitlines()]
         common = Counter(r["response"] for r in rows).most_common(1)[0][0]
         held = [{"prompt": f"{name} {i}", "response": common if i < 8 else "none of these"} for i in range(16)]
-        task["eval_source"] = _write_lines(tmp_path / f"{name}-eval.jsonl", held)
+        task["eval_source"] = write_lines(tmp_path / f"{name}-eval.jsonl", held)
     data |= {"baselines": [], "eval": {**data["eval"], "stages": False}}
     recipe_file.write_text(yaml.safe_dump(data))
     state = Path(data["output_dir"]) / "state.json"
@@ -183,7 +140,7 @@ def test_eval_items_rescores_a_finished_run_without_training_again(recipe_file, 
 def test_sparse_probes_share_one_support_and_the_plan_takes_chance_within_it(recipe_file):
     from safetensors.torch import load_file
 
-    from peft_isolate.regions import expected_jaccard
+    from peft_isolate.plan import expected_jaccard
 
     recipe = load_recipe(recipe_file, ["probe={method: sparse, density: 0.2, steps: 4, lr: 0.01}"])
     run_pipeline(recipe, until="plan")

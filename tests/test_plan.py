@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from peft_isolate.cli import main
-from peft_isolate.plan import StagePlan, connected_groups, order_groups, plan_stages
-from peft_isolate.regions import CoreRegions, expected_jaccard
+from peft_isolate.plan import StagePlan, connected_groups, expected_jaccard, order_groups, plan_stages
+from peft_isolate.regions import CoreRegions
 
 # A-B overlap 0.6, B-C 0.2, A-C 0.05, D alone
 OVERLAP = [

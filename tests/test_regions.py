@@ -16,21 +16,10 @@ from transformers import LlamaForCausalLM
 
 from peft_isolate import IsolationConfig
 from peft_isolate.cli import main
-from peft_isolate.regions import (
-    SCOPES,
-    CheckpointDelta,
-    CoreRegions,
-    IsolationDelta,
-    LoraDelta,
-    ModelDelta,
-    canonical_order,
-    core_count,
-    expected_jaccard,
-    find_core_regions,
-    jaccard,
-    layer_of,
-    overlap_matrix,
-)
+from peft_isolate.plan import expected_jaccard, jaccard, overlap_matrix
+from peft_isolate.regions import CoreRegions, canonical_order, core_count
+from peft_isolate.selection import SCOPES, find_core_regions, layer_of
+from peft_isolate.sources import CheckpointDelta, IsolationDelta, LoraDelta, ModelDelta
 
 
 def tiny_model(seed: int = 0, hidden: int = 32) -> LlamaForCausalLM:
@@ -80,10 +69,15 @@ def test_exact_count_and_tie_break_against_brute_force(case):
     }
     base = {n: torch.zeros_like(t) for n, t in tuned.items()}
     p, scope = rng.choice([0.01, 0.07, 0.1, 0.29, 0.5, 1.0]), rng.choice(SCOPES)
+    expected = brute_force(tuned, p, scope)
+    chunk = rng.choice([1, 2, 7, 1000])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        got = find_core_regions(ModelDelta(base, tuned), p=p, scope=scope, chunk_size=rng.choice([1, 2, 7, 1000]))
-    expected = brute_force(tuned, p, scope)
+        if not any(i.numel() for i in expected.values()):  # a p that keeps no entry anywhere is refused
+            with pytest.raises(ValueError, match="keeps no entry"):
+                find_core_regions(ModelDelta(base, tuned), p=p, scope=scope, chunk_size=chunk)
+            return
+        got = find_core_regions(ModelDelta(base, tuned), p=p, scope=scope, chunk_size=chunk)
     for n in names:
         assert torch.equal(got[n], expected[n]), n
     if scope == "global":

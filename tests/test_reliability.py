@@ -30,7 +30,7 @@ from peft_isolate.export import (
     merge_checkpoint,
 )
 from peft_isolate.recipe import load_recipe
-from peft_isolate.regions import Checkpoint, ModelDelta
+from peft_isolate.sources import Checkpoint, ModelDelta
 
 
 @pytest.fixture(scope="module")

@@ -11,27 +11,12 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file
-from test_pipeline import recipe_file  # noqa: F401 (fixture)
+from runs import final_adapter, with_changes
 
 RUN = (
     "import sys; from peft_isolate.pipeline import run_pipeline; from peft_isolate.recipe import load_recipe; "
     "run_pipeline(load_recipe(sys.argv[1]))"
 )
-
-
-def _final(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(out / "final" / "adapter_model.safetensors")
-
-
-def _with(recipe_path: Path, out: Path, **changes) -> Path:
-    data = yaml.safe_load(recipe_path.read_text())
-    data.update(output_dir=str(out), baselines=[], **changes)
-    data["stages"] = {**data["stages"], "steps": 6}
-    data["training"] = {**data["training"], "save_steps": 2}
-    path = out.with_suffix(".yaml")
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 def _kill_at_second_stage_checkpoint(recipe: Path, out: Path) -> None:
@@ -50,7 +35,7 @@ def _kill_at_second_stage_checkpoint(recipe: Path, out: Path) -> None:
 
 
 def _assert_same_final(a_dir: Path, b_dir: Path) -> None:
-    a, b = _final(a_dir), _final(b_dir)
+    a, b = final_adapter(a_dir), final_adapter(b_dir)
     assert a.keys() == b.keys()
     for key in a:
         if a[key].is_floating_point():
@@ -60,9 +45,9 @@ def _assert_same_final(a_dir: Path, b_dir: Path) -> None:
 
 
 def test_killed_stage_resumes_to_the_same_adapter(recipe_file, tmp_path):  # noqa: F811
-    whole = _with(recipe_file, tmp_path / "whole")
+    whole = with_changes(recipe_file, tmp_path / "whole")
     subprocess.run([sys.executable, "-c", RUN, str(whole)], check=True, capture_output=True)
-    broken = _with(recipe_file, tmp_path / "broken")
+    broken = with_changes(recipe_file, tmp_path / "broken")
     _kill_at_second_stage_checkpoint(broken, tmp_path / "broken")
     subprocess.run([sys.executable, "-c", RUN, str(broken)], check=True, capture_output=True)
     _assert_same_final(tmp_path / "whole", tmp_path / "broken")
@@ -73,9 +58,9 @@ def test_killed_stage_rerun_with_another_lr_does_not_resume_the_old_checkpoint(r
     killed run left (old weights, old optimizer lr) must not be resumed; the result is a fresh run's."""
     data = yaml.safe_load(recipe_file.read_text())
     lr = {**data["stages"], "lr": data["stages"]["lr"] / 2}
-    whole = _with(recipe_file, tmp_path / "whole", stages=lr)
+    whole = with_changes(recipe_file, tmp_path / "whole", stages=lr)
     subprocess.run([sys.executable, "-c", RUN, str(whole)], check=True, capture_output=True)
-    _kill_at_second_stage_checkpoint(_with(recipe_file, tmp_path / "broken"), tmp_path / "broken")
-    changed = _with(recipe_file, tmp_path / "broken", stages=lr)
+    _kill_at_second_stage_checkpoint(with_changes(recipe_file, tmp_path / "broken"), tmp_path / "broken")
+    changed = with_changes(recipe_file, tmp_path / "broken", stages=lr)
     subprocess.run([sys.executable, "-c", RUN, str(changed)], check=True, capture_output=True)
     _assert_same_final(tmp_path / "whole", tmp_path / "broken")

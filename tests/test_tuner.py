@@ -1,4 +1,4 @@
-"""The isolation tuner on a tiny random Llama in full precision, nf4 and int8: the contract of issue 3."""
+"""The isolation tuner on a tiny random Llama in full precision, nf4 and int8: the peft tuner contract."""
 
 from __future__ import annotations
 

@@ -51,10 +51,8 @@ def select(wheels: list[Path]) -> tuple[list[Path], list[str]]:
 
 
 def check() -> int:
-    import torch
-
     failed = []
-    for module in NEEDED:
+    for module in ["torch", *NEEDED]:
         try:
             importlib.import_module(module)
         except Exception as e:  # report every missing piece at once
@@ -66,11 +64,12 @@ def check() -> int:
             print(f"{name} {importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:
             print(f"{name} not installed")
-    print(f"python {sys.version.split()[0]}, torch CUDA {torch.version.cuda}")
-    print(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none (CPU)'}")
-    import peft_isolate
-
-    print(f"peft_isolate imported from {Path(peft_isolate.__file__).parent}")
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        print(f"python {sys.version.split()[0]}, torch CUDA {torch.version.cuda}")
+        print(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none (CPU)'}")
+    if "peft_isolate" in sys.modules:
+        print(f"peft_isolate imported from {Path(sys.modules['peft_isolate'].__file__).parent}")
     for f in failed:
         print(f"IMPORT FAILED {f}")
     return 1 if failed else 0

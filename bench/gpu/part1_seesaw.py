@@ -39,6 +39,7 @@ def main() -> None:
     import seesaw  # bench/seesaw.py: common put bench/ on the path
 
     from peft_isolate import pipeline
+
     if args.dry_run:
         from tiny import tiny_llama
 

@@ -129,7 +129,9 @@ def cpi_ft_stage(model, work: Path, p: float, device: str):
     a, b = random_core(shapes, p, 1, device), random_core(shapes, p, 2, device)
     support = a.union(b)
     support_path = support.save(work / "part2-support.safetensors")
-    peft_model = get_peft_model(model, IsolationConfig(target_modules="all-linear", init="regions", regions=str(support_path)))
+    peft_model = get_peft_model(
+        model, IsolationConfig(target_modules="all-linear", init="regions", regions=str(support_path))
+    )
     peft_model.base_model.hold()
     peft_model.base_model.lock(a)
     trainable = peft_model.base_model.add_trainable(b.difference(a))
@@ -147,7 +149,9 @@ def qlora(model, trainable: int):
 
     shapes = linear_shapes(model)
     rank = max(1, round(trainable / sum(r + c for r, c in shapes.values())))
-    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear", lora_dropout=0.0)), rank
+    return get_peft_model(
+        model, LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear", lora_dropout=0.0)
+    ), rank
 
 
 def measure(model, steps: int, seq: int, vocab: int) -> dict:
@@ -226,7 +230,14 @@ def main() -> None:
     t0 = time.time()
     stage, trainable, locked = cpi_ft_stage(model, args.work, args.p, device)
     setup = time.time() - t0
-    rows.append({"method": "cpi_ft (stage 1 of 2)", "locked": locked, "setup_s": setup, **measure(stage, steps, seq, shape["vocab_size"])})
+    rows.append(
+        {
+            "method": "cpi_ft (stage 1 of 2)",
+            "locked": locked,
+            "setup_s": setup,
+            **measure(stage, steps, seq, shape["vocab_size"]),
+        }
+    )
     write(out, table(args, info, rows, "QLoRA running"))
     model = stage.unload()
     del stage
@@ -236,7 +247,9 @@ def main() -> None:
     t0 = time.time()
     lora, rank = qlora(model, trainable)
     setup = time.time() - t0
-    rows.append({"method": f"qlora (r={rank})", "locked": 0, "setup_s": setup, **measure(lora, steps, seq, shape["vocab_size"])})
+    rows.append(
+        {"method": f"qlora (r={rank})", "locked": 0, "setup_s": setup, **measure(lora, steps, seq, shape["vocab_size"])}
+    )
     lines = table(args, info, rows, "")
     write(out, lines)
     print("\n".join(lines), flush=True)

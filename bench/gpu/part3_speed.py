@@ -25,7 +25,12 @@ import torch
 from common import header, parser, peak_memory_reset, write
 
 TINY = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=1000
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=1000,
 )
 METHODS = ("none", "qlora", "shira", "isolation")
 

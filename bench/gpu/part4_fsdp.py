@@ -77,7 +77,8 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator(device=device).manual_seed(0)
     picked = {
-        n: torch.randperm(t.numel(), generator=gen, device=device)[: max(1, t.numel() // 100)] for n, t in params.items()
+        n: torch.randperm(t.numel(), generator=gen, device=device)[: max(1, t.numel() // 100)]
+        for n, t in params.items()
     }
     locked = CoreRegions(
         {n: i.sort().values.int().cpu() for n, i in picked.items()}, {n: tuple(t.shape) for n, t in params.items()}

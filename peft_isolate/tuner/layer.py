@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 import zlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -22,8 +22,23 @@ def _generator(config: IsolationConfig, module_name: str) -> torch.Generator:
     return torch.Generator().manual_seed(config.seed + zlib.crc32(module_name.encode()))
 
 
+class DeltaParts(NamedTuple):
+    """One adapter's delta in one layer: two disjoint parts on sorted int32 flat positions into its `[out, in]`
+    weight, the trainable entries and the frozen ones (held, or locked for good)."""
+
+    indices: torch.Tensor
+    values: torch.Tensor
+    frozen_indices: torch.Tensor
+    frozen_values: torch.Tensor
+    frozen_locked: torch.Tensor
+
+
 class IsolationLayer(BaseTunerLayer):
-    """Per-adapter sparse delta of a linear layer: trainable values and a frozen part (held or locked entries)."""
+    """Per-adapter sparse delta of a linear layer: trainable values and a frozen part (held or locked entries).
+
+    Frozen values are parameters that never require grad, so peft counts them in "all params" (constant when entries
+    move between trainable and held) but never as trainable.
+    """
 
     adapter_layer_names = ("isolation_values",)
     other_param_names = (
@@ -38,7 +53,7 @@ class IsolationLayer(BaseTunerLayer):
         self.isolation_values = nn.ParameterDict({})
         self.isolation_indices = BufferDict(persistent=True)
         self.isolation_frozen_indices = BufferDict(persistent=True)
-        self.isolation_frozen_values = BufferDict(persistent=True)
+        self.isolation_frozen_values = nn.ParameterDict({})
         self.isolation_frozen_locked = BufferDict(persistent=True)
         self._disable_adapters = False
         self.merged_adapters = []
@@ -82,7 +97,9 @@ class IsolationLayer(BaseTunerLayer):
         self.isolation_values[adapter_name] = nn.Parameter(values)
         self.isolation_indices[adapter_name] = indices
         self.isolation_frozen_indices[adapter_name] = locked
-        self.isolation_frozen_values[adapter_name] = torch.zeros(locked.numel(), device=device)
+        self.isolation_frozen_values[adapter_name] = nn.Parameter(
+            torch.zeros(locked.numel(), device=device), requires_grad=False
+        )
         self.isolation_frozen_locked[adapter_name] = torch.ones(locked.numel(), dtype=torch.bool, device=device)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -98,90 +115,114 @@ class IsolationLayer(BaseTunerLayer):
         score[locked.long()] = -1.0
         return torch.topk(score, k, sorted=False).indices.sort().values.to(torch.int32)
 
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
-        """Move to the base layer's device but keep dtypes: values stay fp32 even on a bf16 or 4-bit base."""
+    def _move_adapter_to_device_of_base_layer(
+        self, adapter_name: str, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> None:
+        """Move to the base layer's device, and the float tensors to `dtype` if given. Unlike peft's move, which
+        casts to the base dtype, values stay fp32 on a bf16 or 4-bit base unless asked; `requires_grad` is kept."""
         device = device or self.get_base_layer().weight.device
         for name in self.adapter_layer_names + self.other_param_names:
             store = getattr(self, name)
-            if adapter_name in store and store[adapter_name].device != torch.device("meta"):
-                store[adapter_name] = store[adapter_name].to(device)
+            if adapter_name not in store or store[adapter_name].is_meta:
+                continue
+            tensor = store[adapter_name]
+            moved = tensor.to(device, dtype if tensor.is_floating_point() else None)
+            if isinstance(tensor, nn.Parameter) and moved is not tensor:  # ParameterDict would make it trainable
+                moved = nn.Parameter(moved, tensor.requires_grad)
+            store[adapter_name] = moved
 
-    def _set_parts(self, adapter: str, idx, val, frozen_idx, frozen_val, frozen_locked) -> None:
-        """Replace an adapter's two parts; the trainable values become a new parameter (rebuild the optimizer)."""
-        order = torch.argsort(frozen_idx)
-        requires_grad = self.isolation_values[adapter].requires_grad
-        self.isolation_values[adapter] = nn.Parameter(val.detach().clone(), requires_grad=requires_grad)
-        self.isolation_indices[adapter] = idx.to(torch.int32)
-        self.isolation_frozen_indices[adapter] = frozen_idx[order].to(torch.int32)
-        self.isolation_frozen_values[adapter] = frozen_val[order].detach().clone()
-        self.isolation_frozen_locked[adapter] = frozen_locked[order]
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete the adapter and its cached sparsity structure."""
+        super().delete_adapter(adapter_name)
+        self._delta_patterns.pop(adapter_name, None)
 
-    def _parts(self, adapter: str):
-        return (
+    def _parts(self, adapter: str) -> DeltaParts:
+        return DeltaParts(
             self.isolation_indices[adapter],
             self.isolation_values[adapter].detach(),
             self.isolation_frozen_indices[adapter],
-            self.isolation_frozen_values[adapter],
+            self.isolation_frozen_values[adapter].detach(),
             self.isolation_frozen_locked[adapter],
         )
 
-    def lock_entries(self, adapter: str, region: torch.Tensor) -> int:
-        """Lock every entry of `region` (sorted flat positions): trainable and held ones keep their values,
-        entries outside the support join as zero. Returns how many trainable entries were moved."""
-        idx, val, f_idx, f_val, f_lock = self._parts(adapter)
-        region = region.to(idx.device, torch.int32)
-        moving = torch.isin(idx, region)
-        outside = region[~torch.isin(region, idx) & ~torch.isin(region, f_idx)]
+    def _set_parts(self, adapter: str, parts: DeltaParts) -> None:
+        """Replace an adapter's two parts; the trainable values become a new parameter (rebuild the optimizer)."""
+        order = torch.argsort(parts.frozen_indices)
+        requires_grad = self.isolation_values[adapter].requires_grad
+        self.isolation_values[adapter] = nn.Parameter(parts.values.clone(), requires_grad=requires_grad)
+        self.isolation_indices[adapter] = parts.indices.to(torch.int32)
+        self.isolation_frozen_indices[adapter] = parts.frozen_indices[order].to(torch.int32)
+        self.isolation_frozen_values[adapter] = nn.Parameter(parts.frozen_values[order], requires_grad=False)
+        self.isolation_frozen_locked[adapter] = parts.frozen_locked[order]
+
+    def lock(self, region: torch.Tensor, adapter_name: str | None = None) -> int:
+        """Lock every entry of `region` (sorted flat positions): trainable and held ones keep their values, entries
+        outside the support join at zero. Returns how many trainable entries became locked."""
+        adapter = adapter_name or self.active_adapters[0]
+        p = self._parts(adapter)
+        region = region.to(p.indices.device, torch.int32)
+        moving = torch.isin(p.indices, region)
+        outside = region[~torch.isin(region, p.indices) & ~torch.isin(region, p.frozen_indices)]
+        newly_locked = torch.ones(int(moving.sum()) + outside.numel(), dtype=torch.bool, device=region.device)
         self._set_parts(
             adapter,
-            idx[~moving],
-            val[~moving],
-            torch.cat([f_idx, idx[moving], outside]),
-            torch.cat([f_val, val[moving], torch.zeros(outside.numel(), device=val.device)]),
-            torch.cat(
-                [
-                    f_lock | torch.isin(f_idx, region),
-                    torch.ones(int(moving.sum()) + outside.numel(), dtype=torch.bool, device=idx.device),
-                ]
+            DeltaParts(
+                p.indices[~moving],
+                p.values[~moving],
+                torch.cat([p.frozen_indices, p.indices[moving], outside]),
+                torch.cat([p.frozen_values, p.values[moving], p.values.new_zeros(outside.numel())]),
+                torch.cat([p.frozen_locked | torch.isin(p.frozen_indices, region), newly_locked]),
             ),
         )
         return int(moving.sum())
 
-    def hold_trainable(self, adapter: str) -> int:
-        """Move all trainable entries to the held part (in the forward, not trained). Returns how many."""
-        idx, val, f_idx, f_val, f_lock = self._parts(adapter)
-        held = torch.zeros(idx.numel(), dtype=torch.bool, device=idx.device)
+    def hold(self, adapter_name: str | None = None) -> int:
+        """Move every trainable entry to the held part (in the forward, not trained). Returns how many."""
+        adapter = adapter_name or self.active_adapters[0]
+        p = self._parts(adapter)
         self._set_parts(
             adapter,
-            idx[:0],
-            val[:0],
-            torch.cat([f_idx, idx]),
-            torch.cat([f_val, val]),
-            torch.cat([f_lock, held]),
+            DeltaParts(
+                p.indices[:0],
+                p.values[:0],
+                torch.cat([p.frozen_indices, p.indices]),
+                torch.cat([p.frozen_values, p.values]),
+                torch.cat([p.frozen_locked, p.frozen_locked.new_zeros(p.indices.numel())]),
+            ),
         )
-        return idx.numel()
+        return p.indices.numel()
 
-    def add_trainable_entries(self, adapter: str, region: torch.Tensor, values: torch.Tensor | None = None) -> int:
+    def add_trainable(
+        self, region: torch.Tensor, values: torch.Tensor | None = None, adapter_name: str | None = None
+    ) -> int:
         """Make every entry of `region` trainable: held entries keep their value, new ones start at zero, unless
         `values` (aligned with `region`) are given. Locked entries are refused. Returns the new trainable count."""
-        idx, val, f_idx, f_val, f_lock = self._parts(adapter)
-        region = region.to(idx.device, torch.int32)
-        hit = torch.isin(f_idx, region)
-        if (hit & f_lock).any():
-            first = int(f_idx[hit & f_lock][0])
+        adapter = adapter_name or self.active_adapters[0]
+        p = self._parts(adapter)
+        region = region.to(p.indices.device, torch.int32)
+        hit = torch.isin(p.frozen_indices, region)
+        if (hit & p.frozen_locked).any():
+            first = int(p.frozen_indices[hit & p.frozen_locked][0])
             raise ValueError(
-                f"{int((hit & f_lock).sum())} requested entries are locked (frozen cores can never be trained "
-                f"again), e.g. flat position {first}: remove them from the regions to train"
+                f"{int((hit & p.frozen_locked).sum())} requested entries are locked (frozen cores can never be "
+                f"trained again), e.g. flat position {first}: remove them from the regions to train"
             )
-        new = region[~torch.isin(region, idx) & ~torch.isin(region, f_idx)]
-        all_idx = torch.cat([idx, f_idx[hit], new])
-        all_val = torch.cat([val, f_val[hit], torch.zeros(new.numel(), device=val.device)])
-        all_idx, order = torch.sort(all_idx)
-        all_val = all_val[order]
+        new = region[~torch.isin(region, p.indices) & ~torch.isin(region, p.frozen_indices)]
+        indices, order = torch.sort(torch.cat([p.indices, p.frozen_indices[hit], new]))
+        trainable = torch.cat([p.values, p.frozen_values[hit], p.values.new_zeros(new.numel())])[order]
         if values is not None:
-            all_val[torch.isin(all_idx, region)] = values.to(all_val)
-        self._set_parts(adapter, all_idx, all_val, f_idx[~hit], f_val[~hit], f_lock[~hit])
-        return all_idx.numel()
+            trainable[torch.isin(indices, region)] = values.to(trainable)
+        self._set_parts(
+            adapter,
+            DeltaParts(indices, trainable, p.frozen_indices[~hit], p.frozen_values[~hit], p.frozen_locked[~hit]),
+        )
+        return indices.numel()
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether `module` has forward or backward hooks, or an accelerate hook, which only its own forward runs."""
+    torch_hooks = (module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks, module._backward_hooks)
+    return any(torch_hooks) or hasattr(module, "_hf_hook")
 
 
 def dequantized_weight(base: nn.Module) -> torch.Tensor:
@@ -255,10 +296,12 @@ class Linear(nn.Module, IsolationLayer):
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """The adapter's full delta (trainable + frozen) as a dense `[out, in]` float tensor."""
-        idx, val, f_idx, f_val, _ = self._parts(adapter)
+        p = self._parts(adapter)
         dtype = self.get_base_layer().weight.dtype
         dtype = dtype if dtype.is_floating_point else torch.float32
-        return dense_delta(torch.cat([idx, f_idx]), torch.cat([val, f_val]), self.shape, dtype)
+        return dense_delta(
+            torch.cat([p.indices, p.frozen_indices]), torch.cat([p.values, p.frozen_values]), self.shape, dtype
+        )
 
     def _apply_delta(self, adapter: str, sign: float, safe_merge: bool = False) -> None:
         base = self.get_base_layer()
@@ -267,8 +310,8 @@ class Linear(nn.Module, IsolationLayer):
             warnings.warn("Merging into a quantized base dequantizes, adds and requantizes: this rounds.", stacklevel=3)
         weight = dequantized_weight(base)
         weight = weight.clone() if safe_merge or quantized else weight
-        _, val, _, f_val, _ = self._parts(adapter)
-        self.delta_pattern(adapter).add_to(weight, sign * val, sign * f_val)
+        p = self._parts(adapter)
+        self.delta_pattern(adapter).add_to(weight, sign * p.values, sign * p.frozen_values)
         if safe_merge and not torch.isfinite(weight).all():
             raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
         if quantized:
@@ -313,11 +356,12 @@ class Linear(nn.Module, IsolationLayer):
     def _trains_merged(self, x: torch.Tensor, adapter: str) -> bool:
         """Training steps on several rows of a full-precision or 4-bit base with a frozen weight take the merged
         product (base and delta in one dense product); the rest keeps the base layer's own kernels, and a base
-        with an accelerate hook (offloading, device alignment) keeps its forward."""
+        with hooks of its own (torch's, or accelerate's for offloading and device alignment) keeps its forward,
+        the only place they run."""
         base = self.get_base_layer()
         return (
             torch.is_grad_enabled()
-            and not hasattr(base, "_hf_hook")
+            and not _has_hooks(base)
             and self.isolation_values[adapter].requires_grad
             and x.numel() > x.shape[-1]
             and not base.weight.requires_grad

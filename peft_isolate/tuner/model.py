@@ -144,19 +144,39 @@ class IsolationModel(BaseTuner):
             )
         yield
 
-    def _isolation_layers(self):
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """Values are fp32 on any base, as peft upcasts adapter weights by default; `autocast_adapter_dtype=False`
+        keeps the base layer's float dtype instead, as a LoRA adapter does (an 8-bit base has none: fp32 stays)."""
+        for _, layer in self._isolation_layers(adapter_name):
+            _, base_dtype = layer._get_base_layer_device_and_dtype(layer.get_base_layer())
+            dtype = torch.float32 if autocast_adapter_dtype else base_dtype
+            if dtype is not None and dtype.is_floating_point:
+                layer._move_adapter_to_device_of_base_layer(adapter_name, dtype=dtype)
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """peft's selection, each tensor marked so that pickling it is refused: `save_pretrained` writes isolation
+        adapters as safetensors only (`safe_serialization=False` fails before any tensor is written)."""
+        tensors = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        for name, tensor in tensors.items():
+            tensors[name] = tensor.detach()  # a tensor of its own to mark, sharing the data
+            tensors[name]._isolation_no_pickle = _RefusePickle()
+        return tensors
+
+    def _isolation_layers(self, adapter: str) -> Iterator[tuple[str, Linear]]:
+        """(weight name, layer) of every isolation layer that holds `adapter`."""
         for name, module in self.model.named_modules():
-            if isinstance(module, IsolationLayer):
+            if isinstance(module, IsolationLayer) and adapter in module.isolation_values:
                 yield f"{name}.weight", module
 
     def _per_layer(self, regions: Regions, adapter_name: str | None, apply) -> int:
         """Apply `apply(layer, adapter, region, name)` to each layer the regions cover; error on unknown names."""
         adapter = adapter_name or self.active_adapters[0]
         sets, shapes = _as_index_sets(regions)
-        layers = dict(self._isolation_layers())
+        layers = dict(self._isolation_layers(adapter))
         unknown = sorted(set(sets) - set(layers))
         if unknown:
-            raise ValueError(f"regions name {unknown[0]!r}, which is not an isolation-adapted weight of this model")
+            raise ValueError(f"regions name {unknown[0]!r}, which is not an isolation-adapted weight of {adapter!r}")
         for name, region in sets.items():
             _check_recorded_shape(shapes, name, layers[name].shape, "regions")
             sets[name] = as_index_set(region, math.prod(layers[name].shape), f"regions for {name}")
@@ -171,12 +191,12 @@ class IsolationModel(BaseTuner):
     def lock(self, regions: Regions, adapter_name: str | None = None) -> int:
         """Lock every entry of `regions` (a core-regions file or {weight name: indices}); returns how many
         trainable entries became locked. Locked entries keep their values and can never be trained again."""
-        return self._per_layer(regions, adapter_name, lambda layer, a, r, n: layer.lock_entries(a, r))
+        return self._per_layer(regions, adapter_name, lambda layer, adapter, region, _: layer.lock(region, adapter))
 
     def hold(self, adapter_name: str | None = None) -> int:
         """Stop training every trainable entry while keeping it in the forward; returns how many."""
         adapter = adapter_name or self.active_adapters[0]
-        return sum(layer.hold_trainable(adapter) for _, layer in self._isolation_layers())
+        return sum(layer.hold(adapter) for _, layer in self._isolation_layers(adapter))
 
     def add_trainable(
         self,
@@ -189,5 +209,20 @@ class IsolationModel(BaseTuner):
         return self._per_layer(
             regions,
             adapter_name,
-            lambda layer, a, r, n: layer.add_trainable_entries(a, r, None if values is None else values[n]),
+            lambda layer, adapter, region, name: layer.add_trainable(
+                region, None if values is None else values[name], adapter
+            ),
         )
+
+
+class _RefusePickle:
+    """Carried by the tensors of a saved adapter: pickling one fails with a clear error (copying works)."""
+
+    def __reduce__(self):
+        raise ValueError(
+            "isolation adapters are saved as safetensors only: call save_pretrained() without "
+            "safe_serialization=False (pickle files are never written nor read)"
+        )
+
+    def __deepcopy__(self, memo: dict) -> _RefusePickle:
+        return self
