@@ -156,10 +156,18 @@ def results_markdown(results: dict[str, Any]) -> str:
         *table("Score (task scorer)", "tasks", True),
         *table("Exact match", "exact", False),
     ]
-    if results.get("meta"):
-        lines.append(" · ".join(f"{k}: {v}" for k, v in results["meta"].items()))
-        lines.append("")
-    return "\n".join(lines)
+    for key, value in (results.get("meta") or {}).items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {_inline(v)}" for k, v in value.items())
+        lines += [f"- {key}: {value}"]
+    return "\n".join(lines) + "\n"
+
+
+def _inline(value: Any) -> str:
+    """A nested meta value on one line: `{a: 1, b: 2}` as `(a 1, b 2)`."""
+    if isinstance(value, dict):
+        return "(" + ", ".join(f"{k} {v}" for k, v in value.items()) + ")"
+    return str(value)
 
 
 def plot_scores(results: dict[str, Any], path: str | os.PathLike) -> Path:

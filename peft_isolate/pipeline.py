@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
 
+import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm.auto import tqdm
@@ -32,7 +33,7 @@ from .models import load_model, resolve_model
 from .plan import StagePlan, draw_overlap, format_plan, plan_stages
 from .recipe import Recipe, TaskSpec
 from .regions import CoreRegions
-from .selection import check_keeps_an_entry, find_core_regions
+from .selection import AUTO_GRID, check_keeps_an_entry, choose_p, find_core_regions, mass_curve
 from .sources import Checkpoint, CheckpointDelta, DeltaSource, IsolationDelta, LoraDelta
 from .training import TrainSettings, completed_checkpoint, gathered_state_dict, processes, train
 from .tuner import IsolationConfig
@@ -102,6 +103,18 @@ class Run:
         processes().wait_for_everyone()
         return artifact
 
+    def count_steps(self, step: str, steps: int) -> None:
+        """Record how many optimizer steps a training step ran (its trainer state's global step) in compute.json."""
+        if processes().is_main_process:
+            path = self.out / "compute.json"
+            save_json({**(load_json(path) if path.is_file() else {}), step: steps}, path)
+
+    def optimizer_steps(self, steps: list[str]) -> int:
+        """The optimizer steps the named training steps ran, from compute.json."""
+        path = self.out / "compute.json"
+        counted = load_json(path) if path.is_file() else {}
+        return sum(counted.get(s, 0) for s in steps)
+
     def inputs(self, step: str) -> str:
         """The hash of the recipe sections `step` depends on (`STEP_INPUTS`)."""
         return self.recipe.section_hash(*STEP_INPUTS[step])
@@ -164,9 +177,8 @@ def load_run(recipe: Recipe) -> Run:
     for task in tasks.values():
         recipe.probe.budget(len(task.train), run.global_batch)
     recipe.stages.budget(sum(len(sample(t, recipe.stages.sample, 0).train) for t in tasks.values()), run.global_batch)
-    check_keeps_an_entry(
-        recipe.regions.p, sum(math.prod(s) for s in Checkpoint(resolve_model(recipe.model)).shapes().values())
-    )
+    entries = sum(math.prod(s) for s in Checkpoint(resolve_model(recipe.model)).shapes().values())
+    check_keeps_an_entry(AUTO_GRID[0] if recipe.regions.p == "auto" else recipe.regions.p, entries)
     return run
 
 
@@ -212,8 +224,11 @@ def _train_single_adapter(
         elif method == "sparse":
             sparse = IsolationConfig(target_modules=r.target_modules, density=r.probe.density, seed=r.training.seed)
             model = get_peft_model(model, sparse)
-        train(model, tokenizer, run.examples(tasks, steps, fraction), run.settings(steps, lr), f"{out}.work", key=key)
+        done = train(
+            model, tokenizer, run.examples(tasks, steps, fraction), run.settings(steps, lr), f"{out}.work", key=key
+        )
         run.save(model, tokenizer, out)
+        run.count_steps(name.replace("/", ":"), done.global_step)
 
     return run.step(name.replace("/", ":"), key, out, work, everywhere=True), key
 
@@ -237,18 +252,18 @@ def run_probe(run: Run, task: str, start: tuple[Path, str] | None = None, label:
     )
 
 
-def run_lora_multitask(run: Run, support: CoreRegions, steps: int, key: str) -> tuple[Path, str]:
+def run_lora_multitask(
+    run: Run, support: CoreRegions, steps: int, key: str, name: str = "lora_multitask"
+) -> tuple[Path, str]:
     """The everyday alternative: one LoRA on the uniform mixture, at the rank whose trainable count is nearest
-    to the isolation support's, for the same number of optimizer steps as the CPI-FT stages."""
+    to the isolation support's, for `steps` optimizer steps (CPI-FT's stages, or all of its steps if matched)."""
     matrices = [n for n, shape in support.shapes.items() if len(shape) == 2]  # dense mode: norms are 1-D
     fan = sum(sum(support.shapes[n]) for n in matrices)
     rank = max(1, round(sum(support.indices[n].numel() for n in matrices) / fan))
     r = run.recipe
     key = _hash(key, str(rank), str(steps), run.inputs("lora_multitask"))
     tasks = list(run.tasks)  # on the data the staged baselines see: each task sampled to stages.sample
-    return _train_single_adapter(
-        run, "lora_multitask", key, tasks, steps, r.stages.lr, "lora", rank, fraction=r.stages.sample
-    )
+    return _train_single_adapter(run, name, key, tasks, steps, r.stages.lr, "lora", rank, fraction=r.stages.sample)
 
 
 def delta_source(run: Run, probe: Path, reference: Path | None = None) -> DeltaSource:
@@ -268,11 +283,30 @@ def run_regions(run: Run, task: str, start: tuple[Path, str] | None = None, labe
     probe, key = run_probe(run, task, start, label)
     reference = start[0] if start is not None and r.mode == "dense" else None
 
-    def work():
-        find_core_regions(delta_source(run, probe, reference), r.regions.p, r.regions.scope).save(path)
+    p = core_size(run)["p"]
 
-    run.step(f"cores:{task}{label}", _hash(key, run.inputs("cores")), path, work)
+    def work():
+        find_core_regions(delta_source(run, probe, reference), p, r.regions.scope).save(path)
+
+    # an automatic p comes from every probe, so then each task's core depends on all of them
+    auto = (cores_key(run),) if r.regions.p == "auto" else ()
+    run.step(f"cores:{task}{label}", _hash(key, run.inputs("cores"), *auto), path, work)
     return CoreRegions.load(path)
+
+
+def core_size(run: Run) -> dict:
+    """The cores' p: the recipe's, or with `regions.p: auto` the one chosen once every probe is done (p.json: the
+    rule, each task's share of its update at that p, and the curves it was read from)."""
+    r, path = run.recipe, run.out / "p.json"
+    if r.regions.p != "auto":
+        return {"p": r.regions.p, "rule": "given by the recipe"}
+
+    def work():
+        curves = {t: mass_curve(delta_source(run, run.out / "probes" / t)) for t in run.tasks}
+        save_json(choose_p(curves, r.regions.mass), path)
+
+    run.step("p", cores_key(run), path, work)
+    return load_json(path)
 
 
 # --- step 2 and 3: plan and fusion ---------------------------------------------------------------------------
@@ -292,6 +326,7 @@ def run_plan(run: Run, cores: dict[str, CoreRegions]) -> StagePlan:
         # sparse probes all train one seeded support, so their cores can only lie there
         universe = delta_source(run, run.out / "probes" / next(iter(cores))).support_size
         plan = plan_stages(cores, r.plan.tau, r.plan.order, r.plan.seed, r.plan.freeze, given, universe)
+        plan.p = {k: v for k, v in core_size(run).items() if k != "curves"}
         draw_overlap(plan, run.out / "overlap.png")
         plan.save(path)
 
@@ -424,12 +459,12 @@ def reselecting(run: Run, plan: StagePlan, cores: dict[str, CoreRegions]) -> Cal
     return refine
 
 
-def _first_stage(run: Run, start: Path | None):
+def _first_stage(run: Run, start: Path | None, support: Path | None = None):
     """What stage 0 starts from: dense mode the fused (or base) model; adapter mode a fresh isolation adapter on
     the support, holding the fused values if there are any."""
     if run.recipe.mode == "dense":
         return run.load(start)
-    support = run.out / "support.safetensors"
+    support = support or run.out / "support.safetensors"
     model, tokenizer = run.base()
     cfg = IsolationConfig(target_modules=run.recipe.target_modules, init="regions", regions=str(support))
     model = get_peft_model(model, cfg)
@@ -446,9 +481,11 @@ def train_stages(
     key: str,
     start: Path | None = None,
     refine: Callable[[int, tuple[Path, str]], StageJob] | None = None,
+    support: Path | None = None,
 ) -> list[tuple[Path, str]]:
     """Train the stages in order into `<output_dir>/<name>/<k>/`; returns every stage's artifact and key.
     `refine(k, (previous artifact, key))` may replace a later stage's job once the stage before it is done.
+    Adapter mode's stage 0 starts an isolation adapter on `support` (default: the union of the cores).
 
     Adapter mode freezes structurally (locked entries leave the trainable set); dense mode masks gradients
     and restores the frozen entries after each optimizer step."""
@@ -461,7 +498,7 @@ def train_stages(
         key = _hash(key, str(k), str(job.tasks), str(job.steps), run.inputs("stages"))
 
         def work(k=k, job=job, previous=previous, out=out, key=key):
-            model, tokenizer = run.load(previous) if k else _first_stage(run, start)
+            model, tokenizer = run.load(previous) if k else _first_stage(run, start, support)
             frozen = None
             if r.mode == "dense":
                 frozen = job.locked.indices if job.locked is not None else None
@@ -472,8 +509,9 @@ def train_stages(
                 model.base_model.add_trainable(job.trainable)
             examples = run.examples(job.tasks, job.steps, r.stages.sample)
             settings = run.settings(job.steps, r.stages.lr)
-            train(model, tokenizer, examples, settings, f"{out}.work", frozen=frozen, key=key)
+            done = train(model, tokenizer, examples, settings, f"{out}.work", frozen=frozen, key=key)
             run.save(model, tokenizer, out)
+            run.count_steps(f"{name}:{k}", done.global_step)
 
         previous = run.step(f"{name}:{k}", key, out, work, everywhere=True)
         done.append((previous, key))
@@ -494,26 +532,65 @@ def split_budget(total: int, n: int) -> list[int]:
     return [total // n + (i < total % n) for i in range(n)]
 
 
-def baseline_jobs(recipe: Recipe, baseline: str, tasks: list[str], cpi_ft: list[StageJob]) -> dict[str, list[StageJob]]:
-    """{method id: stages} for one baseline: the same support and the same total of optimizer steps as CPI-FT's
-    stages (`cpi_ft`), spread evenly over the baseline's own stages."""
-    total, n_stages = sum(job.steps for job in cpi_ft), len(cpi_ft)
-    if baseline == "multitask":
+def baseline_jobs(
+    recipe: Recipe, baseline: str, tasks: list[str], n_stages: int, total: int
+) -> dict[str, list[StageJob]]:
+    """{method id: stages} for one staged baseline (`<id>` or `<id>_matched`): `total` optimizer steps spread
+    evenly over the baseline's own stages, as many as CPI-FT's (`n_stages`) where it has no grouping of its own."""
+    kind = baseline.removesuffix("_matched")
+    if kind in ("multitask", "multitask_all_weights"):
         groups = [tasks] * n_stages
-    elif baseline == "multistage_random":
+    elif kind == "multistage_random":
         groups = random_groups(tasks, n_stages, recipe.plan.seed)
-    elif baseline == "multistage_given":
+    elif kind == "multistage_given":
         groups = recipe.plan.groups
     else:
-        return {f"single_task:{t}": [StageJob([t], total)] for t in tasks}
+        return {f"{baseline}:{t}": [StageJob([t], total)] for t in tasks}
     return {baseline: [StageJob(g, s) for g, s in zip(groups, split_budget(total, len(groups)), strict=True)]}
 
 
-def run_evaluations(run: Run, methods: dict[str, tuple[Path | None, str]]) -> dict:
+def cpi_ft_steps(run: Run, plan: StagePlan, cpi_jobs: list[StageJob]) -> dict[str, int]:
+    """CPI-FT's optimizer steps by part: its probes (and re-probes with `stages.reselect`, the backbone's stages
+    in dense mode) and its stages. A compute-matched baseline gets their sum."""
+    r = run.recipe
+    probe = {t: r.probe.budget(len(run.tasks[t].train), run.global_batch) for t in run.tasks}
+    steps = {"probes": sum(probe.values()), "stages": sum(job.steps for job in cpi_jobs)}
+    if r.stages.reselect:
+        steps["re-probes"] = sum(probe[t] for group in plan.groups[1:] for t in group)
+    if r.fusion.enabled and r.backbone == "multistage":
+        steps["backbone"] = sum(run.stage_steps(g) for g in plan.groups)
+    return steps
+
+
+def spread_like(support: CoreRegions, seed: int) -> CoreRegions:
+    """As many entries as `support`, drawn uniformly with `seed` over every weight it was taken over."""
+    names = list(support.shapes)
+    starts = np.concatenate([[0], np.cumsum([math.prod(support.shapes[n]) for n in names])])
+    flat = np.sort(np.random.default_rng(seed).choice(int(starts[-1]), size=support.size, replace=False))
+    cut = np.searchsorted(flat, starts)
+    indices = {n: torch.from_numpy(flat[cut[i] : cut[i + 1]] - starts[i]) for i, n in enumerate(names)}
+    return CoreRegions(indices, support.shapes, source=f"uniform over all targeted weights, seed {seed}")
+
+
+def spread_support(run: Run, support: CoreRegions) -> Path:
+    """The support of `multitask_all_weights`: CPI-FT's support's size, spread over all targeted weights, seeded
+    by the training seed."""
+    path = run.out / "all_weights_support.safetensors"
+    seed = run.recipe.training.seed
+    run.step(
+        "all_weights_support", _hash(cores_key(run), str(seed)), path, lambda: spread_like(support, seed).save(path)
+    )
+    return path
+
+
+def run_evaluations(run: Run, methods: dict[str, tuple[Path | None, str]], meta: dict | None = None) -> dict:
     """Score every method on every task's held-out set; cached per method. A method id `<kind>:<task>` (a
-    single-task model) is scored on its own task only and reported under `<kind>`."""
+    single-task model) is scored on its own task only and reported under `<kind>`. `meta` goes into the results
+    as it is (what each method trained, the cores' p)."""
     r = run.recipe
     results = {"methods": {}, "majority": {t: majority_baseline(d) for t, d in run.tasks.items()}}
+    if meta:
+        results["meta"] = meta
     for method, (artifact, key) in methods.items():
         kind, _, own = method.partition(":")
         path = run.out / "eval" / f"{method.replace(':', '-')}.json"
@@ -579,9 +656,7 @@ def _run_steps(recipe: Recipe, until: str) -> dict | None:
         start = run_fusion(run, cores, support, backbone)
     if last < STEPS.index("train-stage"):
         return None
-    methods: dict[str, tuple[Path | None, str]] = {
-        "base": (None, _hash(run.inputs("base"), *run.task_keys.values()))
-    }
+    methods: dict[str, tuple[Path | None, str]] = {"base": (None, _hash(run.inputs("base"), *run.task_keys.values()))}
     methods |= {f"probe:{t}": (run.out / "probes" / t, probe_key(run, t)) for t in run.tasks}
     key = _hash(base_key, fusion_key(run, backbone) if start else "")
     cpi_jobs = cpi_ft_jobs(run, plan, cores)
@@ -596,16 +671,31 @@ def _run_steps(recipe: Recipe, until: str) -> dict | None:
     run.step("final", final_key, run.out / "final", copy_final)
     if last < STEPS.index("baselines"):
         return None
+    parts = cpi_ft_steps(run, plan, cpi_jobs)
+    trained = {  # the training steps behind each method, to count their optimizer steps in compute.json
+        "cpi_ft": [f"probes:{t}" for t in run.tasks]
+        + [f"probes:{t}@{k}" for k, g in enumerate(plan.groups) if k and recipe.stages.reselect for t in g]
+        + [f"backbone:{k}" for k in range(len(plan.groups)) if backbone]
+        + [f"stages:{k}" for k in range(len(cpi_jobs))]
+    }
     for baseline in recipe.baselines:
-        if baseline == "lora_multitask":
-            methods[baseline] = run_lora_multitask(run, support, sum(job.steps for job in cpi_jobs), base_key)
+        total = sum(parts.values()) if baseline.endswith("_matched") else parts["stages"]
+        if baseline.startswith("lora_multitask"):
+            methods[baseline] = run_lora_multitask(run, support, total, base_key, baseline)
+            trained[baseline] = [baseline]
             continue
-        for method, jobs in baseline_jobs(recipe, baseline, list(run.tasks), cpi_jobs).items():
-            stages[method] = train_stages(run, method.replace(":", "-"), jobs, base_key)
+        spread = spread_support(run, support) if baseline.startswith("multitask_all_weights") else None
+        for method, jobs in baseline_jobs(recipe, baseline, list(run.tasks), len(cpi_jobs), total).items():
+            name = method.replace(":", "-")
+            stages[method] = train_stages(
+                run, name, jobs, _hash(base_key, "spread") if spread else base_key, support=spread
+            )
+            trained[method] = [f"{name}:{k}" for k in range(len(jobs))]
     if last < STEPS.index("evaluate"):
         return None
     for method, done in stages.items():
         methods[method] = done[-1]
         if recipe.eval.stages:  # every earlier stage too, e.g. to measure forgetting
             methods |= {f"{method}@{k}": stage for k, stage in enumerate(done[:-1])}
-    return run_evaluations(run, methods)
+    compute = {"cpi_ft parts": parts} | {m: run.optimizer_steps(steps) for m, steps in trained.items()}
+    return run_evaluations(run, methods, {"optimizer steps": compute, "core size p": core_size(run)["p"]})

@@ -108,6 +108,7 @@ class StagePlan:
     seed: int
     freeze: str
     stages: list[Stage]
+    p: dict | None = None  # the cores' p and how it was chosen (the pipeline's, with `regions.p: auto`)
 
     @property
     def groups(self) -> list[list[str]]:

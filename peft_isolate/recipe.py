@@ -8,7 +8,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -27,6 +27,18 @@ MAX_RECIPE_BYTES = 1 << 20
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # fields added after runs existed: left out of the section's hash while at their default, so that the keys of
+    # those runs' steps stay valid
+    added: ClassVar[tuple[str, ...]] = ()
+
+    def hashed(self) -> dict[str, Any]:
+        """The section as its steps' keys see it."""
+        fields = type(self).model_fields
+        return {
+            k: v
+            for k, v in self.model_dump(mode="json").items()
+            if not (k in self.added and getattr(self, k) == fields[k].default)
+        }
 
 
 class _Budget(_Section):
@@ -84,7 +96,14 @@ class ProbeSpec(_Budget):
 class RegionSpec(_Section):
     """Step 1: how many entries a core holds and over what the top-p is taken."""
 
-    p: float = Field(0.01, gt=0, le=1, description="fraction of the entries in each task's core")
+    added: ClassVar[tuple[str, ...]] = ("mass",)
+    p: Annotated[float, Field(gt=0, le=1)] | Literal["auto"] = Field(
+        0.01,
+        description="fraction of the entries in each task's core; 'auto': chosen from the probes (see `mass`)",
+    )
+    mass: float = Field(
+        0.25, gt=0, lt=1, description="with p: auto, the share of every probe's squared update its core must hold"
+    )
     scope: Literal[SCOPES] = Field("global", description="where the top-p is taken")
 
 
@@ -155,7 +174,16 @@ class EvalSpec(_Section):
     )
 
 
-Baseline = Literal["multitask", "multistage_random", "multistage_given", "single_task", "lora_multitask"]
+# every baseline also runs compute-matched, as `<id>_matched`: its optimizer steps are CPI-FT's probes plus stages
+BASELINES = (
+    "multitask",
+    "multistage_random",
+    "multistage_given",
+    "single_task",
+    "lora_multitask",
+    "multitask_all_weights",
+)
+Baseline = Literal[(*BASELINES, *(f"{b}_matched" for b in BASELINES))]
 
 
 class Recipe(_Section):
@@ -213,7 +241,13 @@ class Recipe(_Section):
                 f"eval.items: task {held_out!r} holds its eval items out of its source, so their count changes "
                 "its training data; set that task's eval (which retrains), or give it an eval_source"
             )
-        if ("multistage_given" in self.baselines or self.plan.order == "given") and not self.plan.groups:
+        if self.mode == "dense" and any(b.startswith("multitask_all_weights") for b in self.baselines):
+            raise ValueError(
+                "multitask_all_weights spreads an isolation adapter's support over all targeted weights (adapter "
+                "mode); dense mode's multitask baseline trains every weight already"
+            )
+        given = any(b.startswith("multistage_given") for b in self.baselines)
+        if (given or self.plan.order == "given") and not self.plan.groups:
             raise ValueError("multistage_given and plan.order: given need plan.groups (a list of task-name lists)")
         if self.plan.groups:
             if not all(self.plan.groups):
@@ -235,7 +269,8 @@ class Recipe(_Section):
 
     def section_hash(self, *sections: str) -> str:
         """A short hash of the named sections: a step is redone exactly when what it depends on changed."""
-        data = {s: self.model_dump(mode="json")[s] for s in sections}
+        dumped = self.model_dump(mode="json")
+        data = {s: getattr(self, s).hashed() if isinstance(getattr(self, s), _Section) else dumped[s] for s in sections}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -244,3 +244,57 @@ def find_core_regions(
         )
     ordered = {n: indices.get(n, torch.zeros(0, dtype=torch.int32)) for n in order}
     return CoreRegions(ordered, {n: shapes[n] for n in order}, p, scope, source.description)
+
+
+# p from the probes (`regions.p: auto`) --------------------------------------------------------------------------
+
+# the p a core may take under `regions.p: auto`: 0.1% to 10% in eighths of a decade
+AUTO_GRID = tuple(float(f"{0.001 * 10 ** (k / 8):.3g}") for k in range(17))
+
+
+def mass_curve(source: DeltaSource, ps: Sequence[float] = AUTO_GRID, chunk_size: int = DEFAULT_CHUNK) -> list[float]:
+    """For each p, the share of the update's squared norm held by its top floor(p * D) entries (global scope).
+
+    One pass over the source: entries are counted and their squares summed per bucket of the top 16 bits of
+    their float32 magnitude (buckets 2**-7 wide, relatively), so a share is exact up to the one bucket the cut
+    falls in, where entries count at that bucket's mean square."""
+    buckets = 0x7F81  # high halves of finite non-negative floats
+    count, mass = np.zeros(buckets, dtype=np.int64), np.zeros(buckets, dtype=np.float64)
+    shapes = source.shapes()
+    names = [n for n in shapes if math.prod(shapes[n])]
+    for name, _, d in prefetch(source.iter_deltas(names, chunk_size)):
+        a = d.abs_().numpy()
+        if not np.isfinite(a).all():
+            raise ValueError(f"{source.description}: the delta of {name} is not finite (NaN or inf in a weight)")
+        high = a.view(np.int32) >> 16
+        count += np.bincount(high, minlength=buckets)
+        mass += np.bincount(high, weights=np.square(a, dtype=np.float64), minlength=buckets)
+    count, mass = count[::-1], mass[::-1]  # largest first
+    above_count, above_mass, total = np.cumsum(count), np.cumsum(mass), float(mass.sum())
+    curve, entries = [], sum(math.prod(shapes[n]) for n in names)
+    for p in ps:
+        k = core_count(p, entries)
+        j = int(np.searchsorted(above_count, k))  # the bucket the k-th largest entry falls in
+        if j >= buckets or not total:
+            curve.append(1.0 if total else 0.0)
+            continue
+        before_count = int(above_count[j - 1]) if j else 0
+        before_mass = float(above_mass[j - 1]) if j else 0.0
+        inside = (k - before_count) * float(mass[j]) / int(count[j]) if count[j] else 0.0
+        curve.append(min(1.0, (before_mass + inside) / total))
+    return curve
+
+
+def choose_p(curves: Mapping[str, Sequence[float]], share: float, ps: Sequence[float] = AUTO_GRID) -> dict[str, Any]:
+    """The smallest p of `ps` at which every task's core holds at least `share` of its probe's squared update
+    (the largest p if none does), with the rule and each task's share at that p, for plan.json and results.md."""
+    chosen = next((i for i in range(len(ps)) if all(c[i] >= share for c in curves.values())), len(ps) - 1)
+    met = all(c[chosen] >= share for c in curves.values())
+    rule = f"smallest p in {ps[0]:g}..{ps[-1]:g} whose cores hold {share:.0%} of every probe's squared update"
+    return {
+        "p": ps[chosen],
+        "rule": rule if met else f"{rule}: none does, so the largest",
+        "share": share,
+        "held": {t: round(c[chosen], 4) for t, c in curves.items()},
+        "curves": {"p": list(ps), **{t: [round(v, 4) for v in c] for t, c in curves.items()}},
+    }

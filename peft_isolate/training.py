@@ -21,6 +21,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor, Shard
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import TrainOutput
 
 from ._io import load_json, save_json
 from .data import Example, SFTCollator, tokenize_sft
@@ -160,10 +161,10 @@ def train(
     output_dir: str | os.PathLike,
     frozen: Mapping[str, torch.Tensor] | None = None,
     key: str = "",
-) -> float:
+) -> TrainOutput:
     """Train `model` in place for `settings.steps` optimizer steps on `examples`; resume from the last complete
     checkpoint in `output_dir` that a run with the same `key` (a hash of all its inputs) saved, and delete the
-    others. Returns the final training loss.
+    others. Returns the Trainer's output (its `global_step` counts the steps resumed from too).
 
     Under `accelerate launch` / `torchrun` (DDP) each process takes `batch_size / world size` examples, in the
     same order a single process would, so the global batch and the result stay those of one process."""
@@ -213,7 +214,7 @@ def train(
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if trainer.is_world_process_zero():
         _delete_checkpoints(list(Path(output_dir).glob("checkpoint-*")))
-    return float(result.training_loss)
+    return result
 
 
 def _delete_checkpoints(ckpts: list[Path]) -> None:

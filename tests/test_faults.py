@@ -191,7 +191,10 @@ def _safetensors_content(data: bytes) -> tuple[dict[str, list], dict[str, str]]:
 
 
 def _snapshot(out: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    """Every file of a run directory but its lock (which names the process holding it)."""
+    return {
+        str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".lock"
+    }
 
 
 # --- 1. SIGKILL anywhere ------------------------------------------------------------------------------------
@@ -377,6 +380,10 @@ def test_full_disk_keeps_earlier_artifacts_and_a_rerun_completes(full_disk, refe
             if name == "support.safetensors" and case.target.name != name:
                 # rewritten by every run; safetensors orders its header at random, so compare the content
                 assert _safetensors_content(case.after[name]) == _safetensors_content(data), name
+                continue
+            if name == "artifacts.json":  # the failed step records that it was writing; earlier records stay
+                before, after = json.loads(data), json.loads(case.after[name])
+                assert {k: after[k] for k in before} == before, name
                 continue
             assert case.after[name] == data, f"{name} changed when a later write failed"
         assert not case.temp, f"temp files left behind after a failed write: {case.temp}"

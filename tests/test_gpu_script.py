@@ -42,7 +42,7 @@ def dry_run(tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(out), "PYTHON": sys.executable}
     env.pop("PYTHONPATH", None)
     done = subprocess.run(
-        ["bash", str(RUN), "--dry-run"], capture_output=True, text=True, env=env, timeout=170, cwd=REPO
+        ["bash", str(RUN), "--dry-run"], capture_output=True, text=True, env=env, timeout=400, cwd=REPO
     )
     return out, done
 
@@ -88,7 +88,7 @@ def test_tables_hold_the_expected_rows(dry_run):
     assert {(r[2], r[1]) for r in speed} >= {
         (m, d) for m in ("qlora", "shira", "isolation") for d in ("0.100%", "1.000%", "5.000%")
     }
-    assert sum(r[2] == "none" for r in speed) == 2  # one floor per sequence length
+    assert [r[2] for r in speed].count("none") == 1  # the floor, once per sequence length (one in the dry run)
     assert "Failed" not in (out / "part3_speed.md").read_text()
 
 

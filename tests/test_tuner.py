@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -272,15 +274,178 @@ def test_save_and_reload_bit_identical(load_tiny, tiny_dir, tmp_path, kind):
         assert torch.equal(logits(auto), expected)
 
 
-def test_bf16_base_keeps_fp32_values(tiny_dir):
+def _outside(layer, n, adapter="default"):
+    """`n` flat positions of the layer's weight outside the adapter's support."""
+    support = torch.cat([layer.isolation_indices[adapter], layer.isolation_frozen_indices[adapter]])
+    free = torch.arange(layer.in_features * layer.out_features, dtype=torch.int32)
+    return free[~torch.isin(free, support)][:n]
+
+
+# merging rounds each weight once in half precision, the unmerged forward rounds base and delta apart: logits
+# (here under 1) agree to four steps of the dtype at [0.5, 1), where the adapter moves them by about 0.13
+HALF_TOLERANCE = {torch.bfloat16: 4 * 2**-8, torch.float16: 4 * 2**-11}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "no_autocast"])
+def test_adapter_dtype_follows_autocast_adapter_dtype(tiny_dir, dtype, autocast):
+    """Values are fp32 on a half-precision base by default; `autocast_adapter_dtype=False` keeps the base dtype, as
+    LoRA does, for added adapters too and through the stage operations, which build new tensors; the adapter
+    trains and merges in that dtype."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16)
-    peft_model = get_peft_model(model, IsolationConfig(target_modules="all-linear", density=0.05))
-    layer = next(iter(layers(peft_model).values()))
-    assert layer.isolation_values["default"].dtype == torch.float32
-    assert layer.isolation_frozen_values["default"].dtype == torch.float32
-    train_steps(peft_model, steps=1)
+    expected = torch.float32 if autocast else dtype
+    cfg = IsolationConfig(target_modules="all-linear", density=0.1, init_weights=False)
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=dtype), cfg, autocast_adapter_dtype=autocast
+    )
+    peft_model.add_adapter("other", cfg, autocast_adapter_dtype=autocast)
+
+    def dtypes():
+        return {p.dtype for n, p in peft_model.named_parameters() if "isolation_" in n}
+
+    assert dtypes() == {expected}
+    name, layer = next(iter(layers(peft_model.base_model.model).items()))
+    support, free = layer.isolation_indices["default"], _outside(layer, 4)
+    peft_model.base_model.lock({f"{name}.weight": torch.cat([support[:3], free[:2]]).sort().values})
+    peft_model.base_model.hold()
+    peft_model.base_model.add_trainable({f"{name}.weight": torch.cat([support[3:6], free[2:]]).sort().values})
+    assert dtypes() == {expected}
+    peft_model(TOKENS, labels=TOKENS).loss.backward()  # SGD: AdamW's eps of 1e-8 is zero in fp16
+    torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2).step()
+    assert dtypes() == {expected}
+    peft_model.eval()
+    unmerged = logits(peft_model)
+    merged = logits(peft_model.merge_and_unload())
+    assert merged.dtype == dtype
+    torch.testing.assert_close(merged, unmerged, rtol=0, atol=HALF_TOLERANCE[dtype])
+
+
+def test_frozen_values_never_require_grad_through_casts_and_loads(tiny_dir, tmp_path):
+    """Held and locked values are parameters that never require grad, also after peft upcasts a bf16 adapter
+    loaded with `low_cpu_mem_usage` (it rewraps each value, which a ParameterDict would make trainable)."""
+    from transformers import AutoModelForCausalLM
+
+    def load_bf16():
+        return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16)
+
+    cfg = IsolationConfig(target_modules="all-linear", density=0.1, init_weights=False)
+    peft_model = get_peft_model(load_bf16(), cfg, autocast_adapter_dtype=False)
+    peft_model.base_model.lock({n: layer.isolation_indices["default"][::2] for n, layer in _weights(peft_model)})
+    peft_model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(load_bf16(), tmp_path, is_trainable=True, low_cpu_mem_usage=True)
+    frozen = [p for n, p in reloaded.named_parameters() if "isolation_frozen_values" in n]
+    trained = [p for n, p in reloaded.named_parameters() if "isolation_values" in n]
+    assert frozen and all(p.dtype == torch.float32 and not p.requires_grad for p in frozen)
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in trained)
+
+
+def _weights(peft_model):
+    """(weight name, layer) of every isolation layer, named as regions name them."""
+    return [(f"{n}.weight", layer) for n, layer in layers(peft_model.base_model.model).items()]
+
+
+def test_trainable_count_counts_each_support_entry_once(load_tiny):
+    """peft's "all params" is the base plus every entry of the support: held and locked values are parameters that
+    never require grad, so moving entries between the parts leaves it as it was, and entries joining the support
+    raise it by their number."""
+    model = load_tiny()
+    base = sum(p.numel() for p in model.parameters())
+    peft_model = get_peft_model(model, IsolationConfig(target_modules="all-linear", density=0.1))
+    k = sum(layer.isolation_indices["default"].numel() for _, layer in _weights(peft_model))
+    assert peft_model.get_nb_trainable_parameters() == (k, base + k)
+    peft_model.base_model.hold()
+    assert peft_model.get_nb_trainable_parameters() == (0, base + k)
+    name, layer = _weights(peft_model)[0]
+    held, free = layer.isolation_frozen_indices["default"], _outside(layer, 5)
+    peft_model.base_model.lock({name: torch.cat([held[:4], free[:2]]).sort().values})
+    assert peft_model.get_nb_trainable_parameters() == (0, base + k + 2)
+    peft_model.base_model.add_trainable({name: torch.cat([held[4:10], free[2:]]).sort().values})
+    assert peft_model.get_nb_trainable_parameters() == (6 + 3, base + k + 5)
+
+
+def test_adapters_from_one_config_share_their_random_support(load_tiny):
+    """The random support depends on the config's seed and the module name, not on the adapter name: two adapters
+    from one config get the same support (as a saved config reused under another name does), another seed another."""
+    cfg = IsolationConfig(target_modules="all-linear", density=0.05)
+    peft_model = get_peft_model(load_tiny(), cfg)
+    peft_model.add_adapter("same", cfg)
+    peft_model.add_adapter("reseeded", IsolationConfig(target_modules="all-linear", density=0.05, seed=1))
+    for _, layer in _weights(peft_model):
+        assert torch.equal(layer.isolation_indices["same"], layer.isolation_indices["default"])
+        assert not torch.equal(layer.isolation_indices["reseeded"], layer.isolation_indices["default"])
+
+
+def test_stage_operations_reach_only_the_layers_holding_the_adapter(load_tiny):
+    """An adapter may target some layers only: the model's `hold` / `lock` / `add_trainable` leave the others alone
+    and name a weight it does not adapt; each layer has the same three verbs."""
+    peft_model = get_peft_model(load_tiny(), IsolationConfig(target_modules="all-linear", density=0.05))
+    peft_model.add_adapter("q", IsolationConfig(target_modules=["q_proj"], density=0.05))
+    q_layers = [(n, layer) for n, layer in _weights(peft_model) if "q" in layer.isolation_values]
+    assert len(q_layers) == 2 and peft_model.base_model.hold("q") == sum(
+        layer.isolation_frozen_indices["q"].numel() for _, layer in q_layers
+    )
+    with pytest.raises(ValueError, match="k_proj.weight', which is not an isolation-adapted weight of 'q'"):
+        peft_model.base_model.lock({"model.layers.0.self_attn.k_proj.weight": torch.tensor([0])}, "q")
+    _, layer = q_layers[0]
+    held = layer.isolation_frozen_indices["q"][:4]
+    assert layer.add_trainable(held, adapter_name="q") == 4
+    assert layer.lock(held[:1], "q") == 1
+    assert layer.hold("q") == 3
+    assert torch.equal(
+        layer.isolation_frozen_locked["q"][torch.isin(layer.isolation_frozen_indices["q"], held)],
+        torch.tensor([True, False, False, False]),
+    )
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("hook", ["forward_pre", "forward"])
+def test_hooks_on_the_base_layer_run_in_training_and_eval(hook, training):
+    """A hook on the base layer runs in every forward: a training step then takes the base layer's forward plus the
+    sparse product, since the merged product reads the base weight and would skip the hook."""
+    base = torch.nn.Linear(16, 8)
+    cfg = IsolationConfig(target_modules=["0"], density=0.25, init_weights=False)
+    peft_model = get_peft_model(torch.nn.Sequential(base), cfg)
+    layer = peft_model.base_model.model[0]
+    calls = []
+
+    def double_input(module, args):
+        calls.append(module)
+        return (2 * args[0],)
+
+    def add_one(module, args, output):
+        calls.append(module)
+        return output + 1
+
+    if hook == "forward_pre":
+        base.register_forward_pre_hook(double_input)
+    else:
+        base.register_forward_hook(add_one)
+    x = torch.randn(3, 16)
+    with torch.no_grad():  # the hooked base layer's output plus the delta's, computed densely
+        base_out = torch.nn.functional.linear(2 * x if hook == "forward_pre" else x, base.weight, base.bias)
+        expected = base_out + (hook == "forward") + x @ layer.get_delta_weight("default").T
+    peft_model.train(training)
+    with torch.set_grad_enabled(training):
+        y = peft_model(x)
+    assert calls == [base]
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+    if training:
+        y.sum().backward()
+        assert layer.isolation_values["default"].grad.abs().sum() > 0
+
+
+def test_delete_adapter_frees_its_sparsity_structure(load_tiny):
+    peft_model = get_peft_model(load_tiny(), IsolationConfig(target_modules="all-linear", density=0.05))
+    peft_model.add_adapter("other", IsolationConfig(target_modules="all-linear", density=0.05, seed=1))
+    peft_model.set_adapter("other")
+    logits(peft_model)  # builds and caches the sparsity structures of "other"
+    cached = [weakref.ref(layer.delta_pattern("other")) for _, layer in _weights(peft_model)]
+    peft_model.set_adapter("default")
+    peft_model.delete_adapter("other")
+    gc.collect()
+    assert all(ref() is None for ref in cached)
+    assert all(set(layer._delta_patterns) <= {"default"} for _, layer in _weights(peft_model))
 
 
 def test_unknown_target_module_is_named(load_tiny):
@@ -485,8 +650,8 @@ def test_adapter_memory_is_20_bytes_per_trainable_and_9_per_frozen_entry(load_ti
     peft_model(TOKENS, labels=TOKENS).loss.backward()  # gradients as they are between backward and step
     trainable = sum(layer.isolation_indices["default"].numel() for layer in layers(peft_model).values())
     frozen = sum(layer.isolation_frozen_indices["default"].numel() for layer in layers(peft_model).values())
-    measured = sum(b.nbytes for n, b in peft_model.named_buffers() if "isolation_" in n)
-    measured += sum(p.nbytes + p.grad.nbytes for p in peft_model.parameters() if p.requires_grad)
+    measured = sum(t.nbytes for n, t in peft_model.state_dict().items() if "isolation_" in n)
+    measured += sum(p.grad.nbytes for p in peft_model.parameters() if p.requires_grad)
     measured += sum(t.nbytes for state in opt.state.values() for t in state.values() if t.dim() == 1)
     assert measured == 20 * trainable + 9 * frozen
     # training steps build only the value gradient's CSR pattern: int32 columns and row pointers

@@ -50,9 +50,9 @@ def select(wheels: list[Path]) -> tuple[list[Path], list[str]]:
     return chosen, notes
 
 
-def check() -> int:
+def check(imports: bool = True) -> int:
     failed = []
-    for module in ["torch", *NEEDED]:
+    for module in ["torch", *NEEDED] if imports else []:
         try:
             importlib.import_module(module)
         except Exception as e:  # report every missing piece at once
@@ -80,9 +80,10 @@ def main() -> int:
     p.add_argument("--wheels", type=Path)
     p.add_argument("--site", type=Path)
     p.add_argument("--check", action="store_true")
+    p.add_argument("--versions-only", action="store_true", help="with --check: read versions, import nothing")
     args = p.parse_args()
     if args.check:
-        return check()
+        return check(imports=not args.versions_only)
     wheels = sorted(args.wheels.glob("*.whl"))
     chosen, notes = select(wheels)
     print("\n".join(notes), flush=True)

@@ -139,7 +139,7 @@ def cpi_ft_stage(model, work: Path, p: float, device: str):
         int(m.isolation_frozen_locked[k].sum())
         for m in peft_model.modules()
         if hasattr(m, "isolation_frozen_locked")
-        for k in m.isolation_frozen_locked.keys()
+        for k in m.isolation_frozen_locked
     )
     return peft_model, trainable, locked
 
@@ -192,7 +192,6 @@ def measure(model, steps: int, seq: int, vocab: int) -> dict:
         sampler.running = False
         sampler.join()
         peak = reserved = sampler.peak
-    del opt
     return {
         "trainable": sum(p.numel() for p in params),
         "step_s": statistics.median(times),

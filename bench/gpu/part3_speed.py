@@ -67,7 +67,7 @@ def main() -> None:
     shape, steps, seqs = "1b", args.steps, args.seq
     if args.dry_run:
         speed.SHAPES["gpu-dry-tiny"] = TINY
-        shape, steps, seqs = "gpu-dry-tiny", 1, [32, 64]
+        shape, steps, seqs = "gpu-dry-tiny", 1, [32]
     info = {"shape": shape, "steps": steps, "batch": args.batch, "build_s": prebuild(shape)}
     run = argparse.Namespace(shape=shape, quant="nf4", batch=args.batch, steps=steps, method="none", density=0.01)
     t0 = time.time()

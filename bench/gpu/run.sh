@@ -146,7 +146,7 @@ fi
   echo "Date $(date -u +%Y-%m-%d\ %H:%M) UTC, mode $MODE. What this run imported (\`bench/gpu/install.py --check\`):"
   echo
   echo '```'
-  "$PY" "$HERE/install.py" --check 2>&1
+  "$PY" "$HERE/install.py" --check $([ "$MODE" = dry ] && echo --versions-only) 2>&1
   echo '```'
 } > "$OUT/versions.md.tmp"
 mv "$OUT/versions.md.tmp" "$OUT/versions.md"
