@@ -9,7 +9,9 @@ stage optimizer steps for every method), once per seed; this script only builds 
     python bench/seesaw.py --size small --parts main forgetting
 
 Parts: `main` (base, probes = single-task evidence, multi-task, multi-stage random / given, LoRA multi-task,
-CPI-FT adapter mode), `dense` (CPI-FT dense mode, fp32 full fine-tuning), `forgetting` (task A then task B:
+CPI-FT adapter mode), `matched` (CPI-FT at `--matched-p` against multi-task, LoRA multi-task and multi-task on a
+support spread over all weights, each at CPI-FT's stage budget and at its whole budget, probes included),
+`dense` (CPI-FT dense mode, fp32 full fine-tuning), `forgetting` (task A then task B:
 sequential SFT vs CPI-FT with A's core locked, the paper's Table 2), `ablations` (no fusion, no freezing, tau,
 p, sparse probe, cores re-selected between stages, freeze all in dense mode; `--ablations NAME...` picks some).
 `--quick` runs `main` only unless `--parts` says otherwise. `--eval-items 200` rescores runs already trained on
@@ -49,6 +51,16 @@ SIZES = {
     "full": dict(tasks=4, train=1000, eval=200, probe=200, stage=200, seq=128),
 }
 STAGED = ["multitask", "multistage_random", "multistage_given"]  # the baselines trained on CPI-FT's support
+# the `matched` part: what a user would otherwise run, at CPI-FT's stage budget and at its whole budget (probes
+# plus stages); the multi-task baselines on CPI-FT's support and on as many entries spread over all weights
+MATCHED = [
+    "multitask",
+    "multitask_matched",
+    "lora_multitask",
+    "lora_multitask_matched",
+    "multitask_all_weights",
+    "multitask_all_weights_matched",
+]
 # dense mode trains the whole model (probes and stages are full fine-tunes but for the frozen cores), so it takes
 # a full fine-tuning learning rate; the adapter's lr of 1e-3-3e-3 on all weights wrecked the model (2.6 points)
 DENSE = {"mode": "dense", "quantization": "none", "probe": {"lr": 5e-5}, "stages": {"lr": 5e-5}}
@@ -114,6 +126,18 @@ def runs(args, size: dict) -> dict[str, dict[str, dict]]:
         if "main" in args.parts:
             baselines = [*STAGED, "lora_multitask"]
             configs["main"] = recipe(size, tasks, seed, base / "main", args.model, baselines=baselines, **main)
+        if "matched" in args.parts:
+            _start_from(base / "main", base / "matched")
+            configs["matched"] = recipe(
+                size,
+                tasks,
+                seed,
+                base / "matched",
+                args.model,
+                regions={"p": args.matched_p},
+                baselines=MATCHED,
+                **main,
+            )
         if "dense" in args.parts:
             configs["dense"] = recipe(size, tasks, seed, base / "dense", args.model, **DENSE)
         if "forgetting" in args.parts:
@@ -211,6 +235,12 @@ def report(name: str, entry: dict) -> tuple[list[str], dict]:
         lines += section
         majority = seeds[0]["majority"]
         plot_scores({"methods": aggregate["methods"], "majority": majority}, RESULTS / f"seesaw_{name}.png")
+    if "matched" in out:
+        title = "### Compute-matched baselines (`_matched`: CPI-FT's probes + stages; the others: its stages)"
+        section, methods = methods_section(title, out["matched"])
+        steps = out["matched"][0].get("meta", {}).get("optimizer steps", {})
+        lines += ["", *section, "", f"Optimizer steps (seed {seeds_of['matched'][0]}): " + json.dumps(steps)]
+        lines += goals({"methods": methods})
     forgetting = {k.split("/", 1)[1]: v for k, v in out.items() if k.startswith("forgetting/")}
     if forgetting:
         lines += [
@@ -270,6 +300,9 @@ def goals(aggregate: dict) -> list[str]:
     staged = [methods[m]["avg"] for m in ("multistage_random", "multistage_given") if m in methods]
     if cpi and staged:
         rows.append(("CPI-FT average >= best multi-stage average + 5", cpi["avg"] - max(staged) - 0.05))
+    for baseline in ("multitask_matched", "lora_multitask_matched", "multitask_all_weights_matched"):
+        if cpi and baseline in methods:
+            rows.append((f"CPI-FT average >= {baseline} average", cpi["avg"] - methods[baseline]["avg"]))
     single = methods.get("single_task (probe)")
     if cpi and single:
         worst = min(cpi["tasks"][t] - single["tasks"][t] + 0.02 for t in single["tasks"])
@@ -308,7 +341,7 @@ def main() -> None:
     p.add_argument("--size", choices=list(SIZES), default="full")
     p.add_argument("--quick", action="store_const", const="quick", dest="size", help="same as --size quick")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
-    parts = ["main", "dense", "forgetting", "ablations"]
+    parts = ["main", "matched", "dense", "forgetting", "ablations"]
     p.add_argument("--parts", nargs="+", default=None, choices=parts, help="default: main with --quick, else all")
     p.add_argument("--ablations", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS), metavar="NAME")
     p.add_argument("--model", default="smollm2-135m", help="model alias or directory")
@@ -326,6 +359,7 @@ def main() -> None:
         "section `<size>-eval<N>` of the results",
     )
     p.add_argument("--forgetting-p", type=float, help="core size p of the forgetting part (default: the recipe's)")
+    p.add_argument("--matched-p", type=lambda v: v if v == "auto" else float(v), default=0.05, help="p of `matched`")
     args = p.parse_args()
     args.seeds = args.seeds or ([0, 1, 2] if args.size == "full" else [0])
     args.parts = args.parts or (["main"] if args.size == "quick" else parts)

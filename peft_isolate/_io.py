@@ -325,12 +325,17 @@ class TensorReader:
         self.close()
 
 
-def save_pretrained_atomic(model, path: Path, tokenizer=None, state_dict=None) -> Path:
-    """`save_pretrained` into a temporary folder, then swap it in: a crash never leaves half an artifact."""
+def save_pretrained_atomic(
+    model, path: Path, tokenizer=None, state_dict=None, finish: Callable[[Path], object] | None = None
+) -> Path:
+    """`save_pretrained` into a temporary folder (then `finish(folder)`, e.g. to add to its card), then swap it
+    in: a crash never leaves half an artifact."""
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if finish is not None:
+            finish(tmp)
     return path
 
 

@@ -20,6 +20,8 @@ from .plan import FREEZES, ORDERS
 from .selection import SCOPES
 
 Handler = Callable[[argparse.Namespace], "int | None"]
+# what `pip install 'peft-isolate[pipeline]'` brings (import names); the tuner and export need none of them
+PIPELINE_MODULES = {"datasets", "pydantic", "matplotlib", "gguf", "reasoning_gym"}
 _COMMANDS: dict[str, tuple[str, Handler]] = {}
 
 
@@ -67,6 +69,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args) or 0
+    except ModuleNotFoundError as e:
+        if e.name not in PIPELINE_MODULES:
+            raise
+        parser.exit(
+            2,
+            f"peft-isolate {args.command}: error: {e.name} is not installed; this command runs the recipe pipeline: "
+            "pip install 'peft-isolate[pipeline]'\n",
+        )
     except (ValueError, OSError) as e:  # OSError: missing, existing, unreadable or unwritable paths
         parser.exit(2, f"peft-isolate {args.command}: error: {e}\n")
     except KeyboardInterrupt as e:

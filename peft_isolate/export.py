@@ -35,6 +35,7 @@ from peft.utils.integrations import get_bnb_param_type
 from torch import nn
 
 from ._io import TensorReader, atomic_dir, check_new_output, load_json, load_tensors, save_tensors
+from .models import ALIASES, resolve_model
 from .regions import as_index_set
 from .sources import Checkpoint, IsolationDelta, read_adapter_config
 from .tuner.layer import dequantized_weight, store_weight
@@ -161,7 +162,8 @@ def _checkpoint_samples(ckpt: Checkpoint, names: Collection[str] | None = None) 
     return out
 
 
-def _samples(base: Base, names: Collection[str] | None = None) -> dict[str, list[float]]:
+def base_samples(base: Base, names: Collection[str] | None = None) -> dict[str, list[float]]:
+    """A model's or a checkpoint's floating tensors at their `sample_positions`: the content fingerprint's values."""
     return (
         _model_samples(base, names)
         if isinstance(base, nn.Module)
@@ -408,6 +410,8 @@ def export_delta(
     """
     if base is None:
         recorded = read_adapter_config(adapter_dir).get("base_model_name_or_path")
+        if recorded in ALIASES or str(recorded).endswith(".gguf"):  # what the user named, resolved as they did
+            recorded = str(resolve_model(recorded))
         if not recorded or not Path(recorded).is_dir():
             raise ValueError(
                 f"{adapter_dir} records base {recorded!r}, which is not a local checkpoint: pass base= "
@@ -416,7 +420,7 @@ def export_delta(
         base = recorded
     entries = _entries(base)
     source = IsolationDelta(adapter_dir, {n: s for n, (s, _, _) in entries.items()})
-    fields = _fingerprints(entries) | {"base_content": _content_field(_samples(base))}
+    fields = _fingerprints(entries) | {"base_content": _content_field(base_samples(base))}
     delta = SparseDelta(source.entries, source.shapes(), fields)
     delta.save(out_path, dtype, compact)
     return {

@@ -78,6 +78,10 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantize a GGUF file into an fp32 HF directory (weights, config, tokenizer) renamed onto `target`."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError(
+            f"reading {gguf.name} needs the gguf package: pip install 'peft-isolate[pipeline]'", name="gguf"
+        )
     logger.info("converting %s to a Hugging Face directory at %s (once; takes about 20 s)", gguf, target)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -126,4 +130,6 @@ def load_model(
         logger.warning("the tokenizer of %s has no chat template; using a ChatML fallback", path)
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if path != Path(name_or_path):  # an alias or a .gguf: adapters record what the user named, not the cache
+        model.config._name_or_path = model.name_or_path = str(name_or_path)
     return model, tokenizer

@@ -26,6 +26,7 @@ from transformers import set_seed
 
 from . import rundir
 from ._io import artifact_damage, atomic_dir, load_json, load_tensors, save_json, save_pretrained_atomic, save_tensors
+from .card import write_card
 from .data import RG_PREFIX, Example, TaskData, load_task, mix, sample
 from .evaluate import evaluate, majority_baseline, method_entry, write_results
 from .fusion import fuse_deltas
@@ -150,12 +151,16 @@ class Run:
         model, tokenizer = self.base()
         return PeftModel.from_pretrained(model, artifact, is_trainable=True), tokenizer
 
-    def save(self, model, tokenizer, path: Path) -> None:
+    def save(self, model, tokenizer, path: Path, card: dict | None = None) -> None:
         """Save an adapter, or a whole model with its tokenizer, atomically and once; call it on every process
-        (under FSDP the weights are gathered first)."""
+        (under FSDP the weights are gathered first). An isolation adapter's card says `card` and the recipe."""
         state = gathered_state_dict(model)
         if processes().is_main_process:
-            save_pretrained_atomic(model, path, None if isinstance(model, PeftModel) else tokenizer, state)
+            adapter = isinstance(model, PeftModel)
+            isolation = adapter and model.peft_config[model.active_adapter].peft_type == "ISOLATION"
+            about = {**(card or {}), "recipe": self.recipe.model_dump(mode="json")}
+            finish = (lambda tmp: write_card(tmp, about)) if isolation else None
+            save_pretrained_atomic(model, path, None if adapter else tokenizer, state, finish)
 
 
 def load_run(recipe: Recipe) -> Run:
@@ -227,7 +232,7 @@ def _train_single_adapter(
         done = train(
             model, tokenizer, run.examples(tasks, steps, fraction), run.settings(steps, lr), f"{out}.work", key=key
         )
-        run.save(model, tokenizer, out)
+        run.save(model, tokenizer, out, {"method": name, "tasks": tasks, "optimizer steps": done.global_step})
         run.count_steps(name.replace("/", ":"), done.global_step)
 
     return run.step(name.replace("/", ":"), key, out, work, everywhere=True), key
@@ -510,7 +515,8 @@ def train_stages(
             examples = run.examples(job.tasks, job.steps, r.stages.sample)
             settings = run.settings(job.steps, r.stages.lr)
             done = train(model, tokenizer, examples, settings, f"{out}.work", frozen=frozen, key=key)
-            run.save(model, tokenizer, out)
+            card = {"method": name, "stage": f"{k + 1} of {len(jobs)} ({name}/{k})", "tasks": job.tasks}
+            run.save(model, tokenizer, out, card | {"optimizer steps": done.global_step})
             run.count_steps(f"{name}:{k}", done.global_step)
 
         previous = run.step(f"{name}:{k}", key, out, work, everywhere=True)
@@ -610,6 +616,10 @@ def run_evaluations(run: Run, methods: dict[str, tuple[Path | None, str]], meta:
         entry["avg"] = sum(entry["tasks"].values()) / len(entry["tasks"])
     if processes().is_main_process:
         write_results(run.out, results)
+        final = run.out / "final"
+        if "cpi_ft" in results["methods"] and (final / "adapter_model.safetensors").is_file():
+            about = {"method": "cpi_ft (the last stage)", "scores": results["methods"]["cpi_ft"]["tasks"]}
+            write_card(final, about | {"recipe": r.model_dump(mode="json")})
     return results
 
 

@@ -19,9 +19,8 @@ from peft_isolate.cli import main
 from peft_isolate.export import (
     CONTENT_TOLERANCE,
     SparseDelta,
-    _checkpoint_samples,
-    _model_samples,
     apply_delta,
+    base_samples,
     compose_deltas,
     content_distance,
     decode_gaps,
@@ -30,7 +29,7 @@ from peft_isolate.export import (
     merge_checkpoint,
 )
 from peft_isolate.recipe import load_recipe
-from peft_isolate.sources import Checkpoint, ModelDelta
+from peft_isolate.sources import ModelDelta
 
 
 @pytest.fixture(scope="module")
@@ -141,10 +140,10 @@ def test_content_fingerprint_tells_other_weights_apart_and_matches_a_quantized_l
     with pytest.raises(ValueError, match="other weights"):
         apply_delta(AutoModelForCausalLM.from_pretrained(other), saved / "a.safetensors")
     meta_values = json.loads(SparseDelta.load(saved / "a.safetensors").base["base_content"])["values"]
-    nf4 = _model_samples(load_tiny("nf4"))
-    far = _checkpoint_samples(Checkpoint(other))
+    nf4 = base_samples(load_tiny("nf4"))
+    far = base_samples(other)
     assert content_distance(meta_values, nf4) < CONTENT_TOLERANCE["quantized"] < content_distance(meta_values, far)
-    assert content_distance(meta_values, _model_samples(load_tiny("fp32"))) < 1e-6
+    assert content_distance(meta_values, base_samples(load_tiny("fp32"))) < 1e-6
     # the 4-bit base is refused for its quantization only (the content matches within the stated tolerance)
     with pytest.raises(ValueError, match=r"same weights, other quantization \(delta made on none, this base nf4\)"):
         apply_delta(load_tiny("nf4"), saved / "a.safetensors")

@@ -144,7 +144,7 @@ class IsolationModel(BaseTuner):
             )
         yield
 
-    def _cast_adapter_dtype_reverted(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """Values are fp32 on any base, as peft upcasts adapter weights by default; `autocast_adapter_dtype=False`
         keeps the base layer's float dtype instead, as a LoRA adapter does (an 8-bit base has none: fp32 stays)."""
         for _, layer in self._isolation_layers(adapter_name):

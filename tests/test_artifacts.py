@@ -1,0 +1,88 @@
+"""Artifacts that travel: adapter cards, the base named as the user named it, and a tuner-only install."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from peft import get_peft_model
+
+from peft_isolate import IsolationConfig, models
+from peft_isolate.card import BEGIN, END, entry_counts, write_card
+from peft_isolate.models import load_model
+from peft_isolate.pipeline import run_pipeline
+from peft_isolate.recipe import load_recipe
+
+
+def test_pipeline_cards_say_counts_tasks_stage_recipe_and_scores(recipe_file):
+    recipe = load_recipe(recipe_file, ["baselines=[]"])
+    results = run_pipeline(recipe)
+    out = Path(recipe.output_dir)
+    for k in (0, 1):
+        card = (out / "stages" / str(k) / "README.md").read_text()
+        counts = entry_counts(out / "stages" / str(k))
+        assert f"| trainable | {counts['trainable']:,} |" in card and "| locked (frozen cores" in card
+        assert f"| locked (frozen cores, never trained again) | {counts['locked']:,} |" in card
+        assert f"stage: {k + 1} of 2 (stages/{k})" in card and '"output_dir": ' in card
+        assert card.count(BEGIN) == 1 and card.count(END) == 1 and "library_name: peft" in card  # peft's part kept
+    assert entry_counts(out / "stages" / "1")["locked"] > 0  # the second stage locks the first group's core
+    final = (out / "final" / "README.md").read_text()
+    scores = results["methods"]["cpi_ft"]["tasks"]
+    assert "scores: " + ", ".join(f"{t} {s:.3f}" for t, s in scores.items()) in final
+
+
+def test_an_alias_is_recorded_as_named_and_the_card_says_where_it_comes_from(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(models.ALIASES, "tiny-alias", ("tiny_pkg", "tiny.gguf", "tiny-pkg==1.0"))
+    resolve = models.resolve_model
+    monkeypatch.setattr(models, "resolve_model", lambda name: tiny_dir if name == "tiny-alias" else resolve(name))
+    model, _ = load_model("tiny-alias")
+    peft_model = get_peft_model(model, IsolationConfig(target_modules="all-linear", density=0.1))
+    peft_model.save_pretrained(tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny-alias"  # not the conversion cache's path
+    card = write_card(tmp_path / "a").read_text()
+    assert "shipped in the PyPI package `tiny-pkg==1.0`" in card and "dequantized from that GGUF" in card
+    write_card(tmp_path / "a")  # a second save replaces the section, it does not repeat it
+    assert (tmp_path / "a" / "README.md").read_text().count(BEGIN) == 1
+
+
+TUNER_ONLY = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    for name in ("datasets", "pydantic", "matplotlib", "gguf", "reasoning_gym"):  # as if not installed
+        sys.modules[name] = None
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+    import peft_isolate
+    from peft_isolate.export import compose_deltas, export_delta, merge_checkpoint
+    from peft_isolate.cli import main
+
+    base, out = Path(sys.argv[1]), Path(sys.argv[2])
+    model = AutoModelForCausalLM.from_pretrained(base)
+    peft = get_peft_model(model, peft_isolate.IsolationConfig(target_modules="all-linear", init_weights=False))
+    peft.save_pretrained(out / "adapter")
+    export_delta(out / "adapter", out / "d.safetensors", base=base)
+    compose_deltas([out / "d.safetensors"], out / "c.safetensors")
+    merge_checkpoint(base, out / "c.safetensors", out / "merged")
+    ours = sorted(m for m in sys.modules if m.startswith("peft_isolate."))
+    print("modules", " ".join(ours))
+    (out / "r.yaml").write_text("tasks: {}")
+    main(["run", str(out / "r.yaml")])
+    """
+)
+
+
+def test_the_tuner_export_and_merge_need_no_pipeline_dependency(tiny_dir, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", TUNER_ONLY, str(tiny_dir), str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert (tmp_path / "merged" / "config.json").is_file()
+    modules = set(done.stdout.split("modules", 1)[1].split())
+    assert not modules & {"peft_isolate.pipeline", "peft_isolate.recipe", "peft_isolate.data", "peft_isolate.evaluate"}
+    assert "pip install 'peft-isolate[pipeline]'" in done.stderr.strip().splitlines()[-1]
