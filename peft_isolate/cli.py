@@ -17,6 +17,7 @@ from typing import Any
 from .export import RULES
 from .models import QUANTIZATIONS
 from .plan import FREEZES, ORDERS
+from .regions import BLOCK_SIZES, GRANULARITIES
 from .selection import SCOPES
 
 Handler = Callable[[argparse.Namespace], "int | None"]
@@ -124,6 +125,8 @@ def output_dir(text: str) -> Path:
 @arg("--base", help="base checkpoint (directory or .safetensors) the probe started from")
 @arg("--p", type=float, default=0.01, help="fraction of entries to keep, in (0, 1] (default 0.01)")
 @arg("--scope", choices=SCOPES, default="global", help="where the top p is taken")
+@arg("--granularity", choices=GRANULARITIES, default="element", help="take entries, or whole rows/columns/blocks")
+@arg("--block", type=int, choices=BLOCK_SIZES, help="block side, with --granularity block")
 @arg("--include", metavar="REGEX", help="only parameters whose name matches (e.g. the targeted linear weights)")
 @arg("--out", required=True, type=output_file, help="output file, e.g. cores/math.safetensors")
 def regions(args: argparse.Namespace) -> None:
@@ -150,7 +153,9 @@ def regions(args: argparse.Namespace) -> None:
         names = [n for n in source.shapes() if include.search(n)]
         if not names:
             raise ValueError(f"--include {args.include!r} matches no parameter of {source.description}")
-    cores = find_core_regions(source, p=args.p, scope=args.scope, names=names)
+    cores = find_core_regions(
+        source, p=args.p, scope=args.scope, names=names, granularity=args.granularity, block=args.block
+    )
     cores.save(args.out)
     busy = sorted(((c.numel(), n) for n, c in cores.items() if c.numel()), reverse=True)
     print(

@@ -291,7 +291,8 @@ def run_regions(run: Run, task: str, start: tuple[Path, str] | None = None, labe
     p = core_size(run)["p"]
 
     def work():
-        find_core_regions(delta_source(run, probe, reference), p, r.regions.scope).save(path)
+        source, spec = delta_source(run, probe, reference), r.regions
+        find_core_regions(source, p, spec.scope, granularity=spec.granularity, block=spec.block).save(path)
 
     # an automatic p comes from every probe, so then each task's core depends on all of them
     auto = (cores_key(run),) if r.regions.p == "auto" else ()

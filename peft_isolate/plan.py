@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ._io import atomic_path, load_json, save_json
-from .regions import CoreRegions, intersection_size
+from .regions import CoreRegions, intersection_size, unit_count
 
 ORDERS = ("random", "size", "union")
 FREEZES = ("previous", "all", "none")
@@ -71,17 +71,33 @@ def overlap_matrix(regions: Mapping[str, CoreRegions]) -> torch.Tensor:
     return m
 
 
+def _units(regions: CoreRegions) -> tuple[int, int]:
+    """(selected units, all units) of structured cores: a row core of k rows is k draws, not k x columns."""
+    g, b = regions.granularity, regions.block
+    per_unit = {n: math.prod(s) / max(unit_count(s, g, b), 1) for n, s in regions.shapes.items()}
+    chosen = sum(round(regions.indices[n].numel() / per_unit[n]) for n in regions.shapes if per_unit[n])
+    return chosen, sum(unit_count(s, g, b) for s in regions.shapes.values())
+
+
 def chance_matrix(regions: Mapping[str, CoreRegions], universe: int | None = None) -> torch.Tensor:
     """Expected Jaccard of random sets with each pair's sizes over the entries they could lie at: `universe`
     when the cores come from updates confined to one shared support (sparse probes), else every entry of the
-    union of their shapes."""
+    union of their shapes. Structured cores (rows, columns, blocks) are random sets of units instead."""
     tasks = list(regions)
     m = torch.zeros(len(tasks), len(tasks), dtype=torch.float64)
     for i, a in enumerate(tasks):
         for j in range(i, len(tasks)):
-            b = tasks[j]
-            total = universe or sum(math.prod(s) for s in {**regions[a].shapes, **regions[b].shapes}.values())
-            m[i, j] = m[j, i] = expected_jaccard(regions[a].size, regions[b].size, total)
+            ra, rb = regions[a], regions[tasks[j]]
+            if ra.granularity != "element" and (ra.granularity, ra.block, ra.shapes) == (
+                rb.granularity,
+                rb.block,
+                rb.shapes,
+            ):
+                (size_a, total), (size_b, _) = _units(ra), _units(rb)
+            else:
+                size_a, size_b = ra.size, rb.size
+                total = universe or sum(math.prod(s) for s in {**ra.shapes, **rb.shapes}.values())
+            m[i, j] = m[j, i] = expected_jaccard(size_a, size_b, total)
     return m
 
 

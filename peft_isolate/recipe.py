@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .models import QUANTIZATIONS
 from .plan import FREEZES, ORDERS
+from .regions import BLOCK_SIZES, GRANULARITIES
 from .selection import SCOPES
 
 TASK_NAME = re.compile(r"[A-Za-z0-9_-]+")  # task names become file names
@@ -96,7 +97,7 @@ class ProbeSpec(_Budget):
 class RegionSpec(_Section):
     """Step 1: how many entries a core holds and over what the top-p is taken."""
 
-    added: ClassVar[tuple[str, ...]] = ("mass",)
+    added: ClassVar[tuple[str, ...]] = ("mass", "granularity", "block")
     p: Annotated[float, Field(gt=0, le=1)] | Literal["auto"] = Field(
         0.01,
         description="fraction of the entries in each task's core; 'auto': chosen from the probes (see `mass`)",
@@ -105,6 +106,16 @@ class RegionSpec(_Section):
         0.25, gt=0, lt=1, description="with p: auto, the share of every probe's squared update its core must hold"
     )
     scope: Literal[SCOPES] = Field("global", description="where the top-p is taken")
+    granularity: Literal[GRANULARITIES] = Field(
+        "element", description="what a core takes whole: entries, or rows, columns or blocks of each weight"
+    )
+    block: Literal[BLOCK_SIZES] | None = Field(None, description="block side with granularity: block")
+
+    @model_validator(mode="after")
+    def _block_with_blocks(self) -> RegionSpec:
+        if (self.granularity == "block") != (self.block is not None):
+            raise ValueError("give regions.block (16, 32, 64 or 128) with granularity: block, and only then")
+        return self
 
 
 class PlanSpec(_Section):

@@ -89,6 +89,8 @@ class CoreRegions(Mapping[str, torch.Tensor]):
     p: float | None = None
     scope: str | None = None
     source: str = ""
+    granularity: str = "element"  # what selection took whole: entries, rows, columns or blocks (see `units`)
+    block: int | None = None  # the block side, for granularity "block"
     _size: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -162,7 +164,8 @@ class CoreRegions(Mapping[str, torch.Tensor]):
         return self._combine(other, _difference, "difference")
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write as safetensors: an int32 tensor per parameter, shapes and p/scope/source in the header."""
+        """Write as safetensors: an int32 tensor per parameter, shapes, p/scope/source and granularity in the
+        header."""
         meta = {
             "format": FORMAT,
             "version": "1",
@@ -170,6 +173,8 @@ class CoreRegions(Mapping[str, torch.Tensor]):
             "p": json.dumps(self.p),
             "scope": json.dumps(self.scope),
             "source": self.source,
+            "granularity": self.granularity,
+            "block": json.dumps(self.block),
         }
         return save_tensors(self.indices, path, metadata=meta)
 
@@ -185,12 +190,13 @@ class CoreRegions(Mapping[str, torch.Tensor]):
         try:
             shapes = {n: tuple(int(d) for d in s) for n, s in json.loads(meta["shapes"]).items()}
             p, scope = json.loads(meta["p"]), json.loads(meta["scope"])
+            block = json.loads(meta.get("block", "null"))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(
                 f"{path}: its header's shapes, p or scope is missing or malformed ({e!r}); recreate the file with "
                 "`peft-isolate regions` or CoreRegions.save"
             ) from None
-        return cls(tensors, shapes, p, scope, meta.get("source", ""))
+        return cls(tensors, shapes, p, scope, meta.get("source", ""), meta.get("granularity", "element"), block)
 
 
 def check_index_set(indices: torch.Tensor, numel: int, what: str) -> None:
@@ -222,3 +228,71 @@ def as_index_set(indices: torch.Tensor, numel: int, what: str) -> torch.Tensor:
 def core_count(p: float, total: int) -> int:
     """floor(p * total), exact in decimal (0.29 * 100 is 29, not 28)."""
     return int(Decimal(repr(float(p))) * total)
+
+
+# ----------------------------------------------------------------------------------------- structured units
+
+GRANULARITIES = ("element", "row", "column", "block")
+BLOCK_SIZES = (16, 32, 64, 128)
+
+
+def as_matrix(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The (rows, columns) a weight is seen as for structured units: 1-D as one row, N-D as dim 0 by the rest."""
+    return (1, shape[0]) if len(shape) == 1 else (shape[0], math.prod(shape[1:]))
+
+
+def unit_count(shape: tuple[int, ...], granularity: str, block: int | None = None) -> int:
+    """How many units (entries, rows, columns or `block` x `block` blocks, edge blocks smaller) a weight has."""
+    rows, cols = as_matrix(shape)
+    if granularity == "element":
+        return rows * cols
+    if granularity == "row":
+        return rows
+    if granularity == "column":
+        return cols
+    return -(-rows // block) * -(-cols // block)
+
+
+def unit_sizes(shape: tuple[int, ...], granularity: str, block: int | None = None) -> torch.Tensor:
+    """The entries of each unit (int64), in unit order: all equal but for the edge blocks."""
+    rows, cols = as_matrix(shape)
+    if granularity != "block":
+        size = {"element": 1, "row": cols, "column": rows}[granularity]
+        return torch.full((unit_count(shape, granularity),), size, dtype=torch.int64)
+    heights = (rows - torch.arange(0, rows, block)).clamp(max=block)
+    widths = (cols - torch.arange(0, cols, block)).clamp(max=block)
+    return (heights[:, None] * widths[None, :]).reshape(-1)
+
+
+def unit_of(flat: torch.Tensor, shape: tuple[int, ...], granularity: str, block: int | None = None) -> torch.Tensor:
+    """The unit of each flat position (int64), numbered row-major over the weight's units."""
+    rows, cols = as_matrix(shape)
+    r, c = flat // cols, flat % cols
+    if granularity == "element":
+        return flat
+    if granularity == "row":
+        return r
+    if granularity == "column":
+        return c
+    return (r // block) * -(-cols // block) + c // block
+
+
+def unit_entries(
+    units: torch.Tensor, shape: tuple[int, ...], granularity: str, block: int | None = None
+) -> torch.Tensor:
+    """The sorted flat positions (int64) of the given units."""
+    rows, cols = as_matrix(shape)
+    units = units.long()
+    if granularity == "element":
+        flat = units
+    elif granularity == "row":
+        flat = (units[:, None] * cols + torch.arange(cols)).reshape(-1)
+    elif granularity == "column":
+        flat = (torch.arange(rows)[:, None] * cols + units[None, :]).reshape(-1)
+    else:
+        per_row = -(-cols // block)
+        r = (units // per_row)[:, None, None] * block + torch.arange(block)[None, :, None]
+        c = (units % per_row)[:, None, None] * block + torch.arange(block)[None, None, :]
+        keep = (r < rows) & (c < cols)
+        flat = (r * cols + c)[keep]
+    return flat.sort().values

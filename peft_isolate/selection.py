@@ -13,7 +13,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .regions import CoreRegions, canonical_order, core_count
+from .regions import (
+    BLOCK_SIZES,
+    GRANULARITIES,
+    CoreRegions,
+    canonical_order,
+    core_count,
+    unit_count,
+    unit_entries,
+    unit_of,
+    unit_sizes,
+)
 from .sources import DEFAULT_CHUNK, DeltaSource, prefetch
 
 SCOPES = ("global", "layer", "matrix")
@@ -172,6 +182,8 @@ def find_core_regions(
     scope: str = "global",
     names: Collection[str] | None = None,
     chunk_size: int = DEFAULT_CHUNK,
+    granularity: str = "element",
+    block: int | None = None,
 ) -> CoreRegions:
     """Select exactly floor(p * D) entries with the largest |delta| (D per scope: global, layer, matrix).
 
@@ -179,10 +191,15 @@ def find_core_regions(
     memory about 8 bytes x 2 floor(p * D) plus a few chunks. `names` restricts the selection to those
     parameters (adapter mode: the targeted linear weights). Torch runs single-threaded while streaming
     (the work is memory-bound and the source runs in a second thread); the thread count is restored after.
+    `granularity` row, column or block (with `block`) selects whole units instead (see `_select_units`).
     """
     p = _check_p(p)
     if scope not in SCOPES:
         raise ValueError(f"scope={scope!r} is not one of {SCOPES}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity={granularity!r} is not one of {GRANULARITIES}")
+    if (granularity == "block") != (block is not None) or (block is not None and block not in BLOCK_SIZES):
+        raise ValueError(f"give block= (one of {BLOCK_SIZES}) with granularity='block', and only then")
     shapes = source.shapes()
     if names is not None:
         missing = sorted(set(names) - set(shapes))
@@ -201,6 +218,9 @@ def find_core_regions(
     left = {g: sum(numel[n] for n in ns) for g, ns in members.items()}
     if left:
         check_keeps_an_entry(p, max(left.values()), scope)
+    if granularity != "element":
+        picked = _select_units(source, shapes, members, p, granularity, block, chunk_size)
+        return CoreRegions(picked, {n: shapes[n] for n in order}, p, scope, source.description, granularity, block)
     selectors = {g: _TopK(core_count(p, d), d, chunk_size) for g, d in left.items()}
     indices: dict[str, torch.Tensor] = {}
     zeros = 0
@@ -244,6 +264,57 @@ def find_core_regions(
         )
     ordered = {n: indices.get(n, torch.zeros(0, dtype=torch.int32)) for n in order}
     return CoreRegions(ordered, {n: shapes[n] for n in order}, p, scope, source.description)
+
+
+def unit_scores(
+    source: DeltaSource, shapes: Mapping[str, tuple[int, ...]], granularity: str, block: int | None, chunk_size: int
+) -> dict[str, torch.Tensor]:
+    """Per weight, each unit's share of the update: the sum of its squared delta entries (float64), one pass."""
+    scores = {n: torch.zeros(unit_count(s, granularity, block), dtype=torch.float64) for n, s in shapes.items()}
+    names = [n for n in canonical_order(shapes) if math.prod(shapes[n])]
+    with _torch_threads(1):
+        for name, start, d in prefetch(source.iter_deltas(names, chunk_size)):
+            if not bool(torch.isfinite(d).all()):
+                raise ValueError(f"{source.description}: the delta of {name} is not finite (NaN or inf in a weight)")
+            flat = torch.arange(start, start + d.numel())
+            scores[name].index_add_(0, unit_of(flat, shapes[name], granularity, block), d.double().square())
+    return scores
+
+
+def _select_units(
+    source: DeltaSource,
+    shapes: Mapping[str, tuple[int, ...]],
+    members: Mapping[str, list[str]],
+    p: float,
+    granularity: str,
+    block: int | None,
+    chunk_size: int,
+) -> dict[str, torch.Tensor]:
+    """Per scope group, whole units by falling score (ties: parameter order, then unit number), each taken if
+    its entries still fit in floor(p * D) of the group: a unit that would overflow is skipped, a smaller one after
+    it may still fit. Returns the selected entries (int32, sorted) per weight."""
+    scores = unit_scores(source, shapes, granularity, block, chunk_size)
+    picked: dict[str, torch.Tensor] = {}
+    zeros = 0
+    for names in members.values():
+        budget = core_count(p, sum(math.prod(shapes[n]) for n in names))
+        score = torch.cat([scores[n] for n in names]).numpy()
+        owner = np.concatenate([np.full(scores[n].numel(), i) for i, n in enumerate(names)])
+        local = np.concatenate([np.arange(scores[n].numel()) for n in names])
+        sizes = torch.cat([unit_sizes(shapes[n], granularity, block) for n in names]).numpy()
+        take = []
+        for u in np.lexsort((local, owner, -score)):  # the last key sorts first: score, then parameter, then unit
+            if sizes[u] <= budget:
+                take.append(u)
+                budget -= int(sizes[u])
+                zeros += int(score[u] == 0)
+        take = np.array(take, dtype=np.int64)
+        for i, n in enumerate(names):
+            units = torch.from_numpy(local[take[owner[take] == i]])
+            picked[n] = unit_entries(units, shapes[n], granularity, block).to(torch.int32)
+    if zeros:
+        warnings.warn(f"{zeros} selected units have a zero update (p * D exceeds the units that changed)", stacklevel=3)
+    return picked
 
 
 # p from the probes (`regions.p: auto`) --------------------------------------------------------------------------
