@@ -13,7 +13,8 @@ import random
 import shutil
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
@@ -54,6 +55,15 @@ STEP_INPUTS: dict[str, tuple[str, ...]] = {
 }
 
 
+@contextmanager
+def _peft_quietly() -> Iterator[None]:
+    """peft 0.21's PeftModel.__init__ asks transformers for a deprecated attribute, whose FutureWarning would print
+    on every adapter this pipeline builds or loads; only those calls are silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def _hash(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
@@ -81,10 +91,10 @@ class Run:
             damage = artifact_damage(artifact)
             if damage is None:
                 return artifact
-            print(f"[peft-isolate] {name}: {damage}; redoing it", flush=True)
+            print(f"[peft-isolate] {artifact.relative_to(self.out)}: {damage}; redoing it", flush=True)
         main = processes().is_main_process
         if main:
-            print(f"[peft-isolate] {name}", flush=True)
+            print(f"[peft-isolate] {artifact.relative_to(self.out)}", flush=True)  # as on disk: stages/0
             rundir.check_own(self.out, name, artifact)
             if name in state:  # the artifact is about to change: never vouch for it under the old key
                 save_json({k: v for k, v in state.items() if k != name}, state_path)
@@ -149,7 +159,8 @@ class Run:
         if not (artifact / "adapter_config.json").is_file():
             return load_model(artifact, "none", device=processes().device)
         model, tokenizer = self.base()
-        return PeftModel.from_pretrained(model, artifact, is_trainable=True), tokenizer
+        with _peft_quietly():
+            return PeftModel.from_pretrained(model, artifact, is_trainable=True), tokenizer
 
     def save(self, model, tokenizer, path: Path, card: dict | None = None) -> None:
         """Save an adapter, or a whole model with its tokenizer, atomically and once; call it on every process
@@ -225,10 +236,12 @@ def _train_single_adapter(
             model = model.merge_and_unload()
         if method == "lora":
             lora = LoraConfig(r=rank, lora_alpha=rank, target_modules=r.target_modules, lora_dropout=0.0)
-            model = get_peft_model(model, lora)
+            with _peft_quietly():
+                model = get_peft_model(model, lora)
         elif method == "sparse":
             sparse = IsolationConfig(target_modules=r.target_modules, density=r.probe.density, seed=r.training.seed)
-            model = get_peft_model(model, sparse)
+            with _peft_quietly():
+                model = get_peft_model(model, sparse)
         done = train(
             model, tokenizer, run.examples(tasks, steps, fraction), run.settings(steps, lr), f"{out}.work", key=key
         )
@@ -473,7 +486,8 @@ def _first_stage(run: Run, start: Path | None, support: Path | None = None):
     support = support or run.out / "support.safetensors"
     model, tokenizer = run.base()
     cfg = IsolationConfig(target_modules=run.recipe.target_modules, init="regions", regions=str(support))
-    model = get_peft_model(model, cfg)
+    with _peft_quietly():
+        model = get_peft_model(model, cfg)
     if start is not None:
         values, _ = load_tensors(start)
         model.base_model.add_trainable(CoreRegions.load(support), values=values)
@@ -516,7 +530,7 @@ def train_stages(
             examples = run.examples(job.tasks, job.steps, r.stages.sample)
             settings = run.settings(job.steps, r.stages.lr)
             done = train(model, tokenizer, examples, settings, f"{out}.work", frozen=frozen, key=key)
-            card = {"method": name, "stage": f"{k + 1} of {len(jobs)} ({name}/{k})", "tasks": job.tasks}
+            card = {"method": name, "stage": f"{name}/{k} ({k + 1} of {len(jobs)})", "tasks": job.tasks}
             run.save(model, tokenizer, out, card | {"optimizer steps": done.global_step})
             run.count_steps(f"{name}:{k}", done.global_step)
 

@@ -277,10 +277,10 @@ def format_plan(plan: StagePlan) -> str:
         cells = "".join(f"  {plan.jaccard[i][j]:7.4f} [{plan.chance[i][j]:6.4f}]" for j in range(len(plan.tasks)))
         lines.append(f"{t:<{w}}{cells}")
     lines.append(f"{len(plan.stages)} stage(s), order={plan.order} (seed {plan.seed}), freeze={plan.freeze}:")
-    for k, s in enumerate(plan.stages, 1):
+    for k, s in enumerate(plan.stages):  # numbered as their folders, stages/<k>
         frozen = ", ".join(s.frozen) or "nothing"
         lines.append(
-            f"  stage {k}: train {', '.join(s.tasks)} ({s.core_size} core entries); "
+            f"  stages/{k}: train {', '.join(s.tasks)} ({s.core_size} core entries); "
             f"frozen: {frozen} ({s.frozen_size} entries)"
         )
     return "\n".join(lines)
@@ -311,7 +311,7 @@ def draw_overlap(plan: StagePlan, path: str | os.PathLike) -> Path:
                 label = f"{jac[i, j]:.3f}\n({chance[i, j]:.3f})"
                 ax.text(j, i, label, ha="center", va="center", fontsize=8, color=color)
     start = 0
-    for k, s in enumerate(plan.stages, 1):
+    for k, s in enumerate(plan.stages):  # numbered as their folders, stages/<k>
         size = len(s.tasks)
         ax.add_patch(Rectangle((start - 0.5, start - 0.5), size, size, fill=False, edgecolor="red", lw=2))
         ax.text(start - 0.45, start - 0.3, f"stage {k}", color="red", fontsize=8, va="top")

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import hashlib
 import json
 import math
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 
+import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from transformers import TrainingArguments
 
 from .models import QUANTIZATIONS
 from .plan import FREEZES, ORDERS
@@ -158,9 +162,42 @@ class StageSpec(_Budget):
     )
 
 
+# `TrainingArguments` fields the pipeline sets itself, and what sets each in a recipe
+PIPELINE_ARGS = {
+    "output_dir": "output_dir (each step trains in <artifact>.work)",
+    "max_steps": "probe.steps or stages.steps",
+    "num_train_epochs": "probe.epochs or stages.epochs",
+    "learning_rate": "probe.lr or stages.lr",
+    "per_device_train_batch_size": "training.batch_size (the global batch, split across processes)",
+    "gradient_accumulation_steps": "training.grad_accum",
+    "weight_decay": "training.weight_decay",
+    "seed": "training.seed",
+    "data_seed": "training.seed",
+    **dict.fromkeys(
+        ("save_strategy", "save_steps", "save_total_limit", "save_only_model", "save_on_each_node"),
+        "training.save_steps (the pipeline's checkpoints are what a rerun resumes from)",
+    ),
+    **dict.fromkeys(
+        ("resume_from_checkpoint", "ignore_data_skip"), "nothing: a rerun resumes from the last complete checkpoint"
+    ),
+    "fsdp": "training.fsdp",
+    "fsdp_config": "training.fsdp",
+    "train_sampling_strategy": "nothing: the pipeline mixes and orders the examples, the same on any process count",
+    "remove_unused_columns": "nothing: the pipeline tokenizes the examples itself",
+    "use_cpu": "nothing: training runs on the GPU when there is one",
+}
+
+
+def _did_you_mean(name: str, choices: list[str]) -> str:
+    """' (did you mean X?)' for the choice nearest to a mistyped `name`, or '' when none is near."""
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 class TrainingSpec(_Section):
     """Settings shared by every training step (probes, stages, baselines)."""
 
+    added: ClassVar[tuple[str, ...]] = ("args",)
     batch_size: int = Field(8, gt=0, description="global batch size, split across processes under DDP")
     grad_accum: int = Field(1, gt=0, description="gradient accumulation steps")
     max_seq_len: int = Field(256, ge=8, description="tokens per example, prompt and answer")
@@ -168,6 +205,30 @@ class TrainingSpec(_Section):
     seed: int = Field(0, ge=0, le=SEED_MAX, description="training seed; one run of a recipe is one seed")
     save_steps: int = Field(50, gt=0, description="checkpoint every this many steps (a killed run resumes there)")
     fsdp: bool = Field(False, description="dense mode on GPUs: shard weights, gradients, optimizer state (FSDP2)")
+    args: dict[str, Any] = Field(
+        {},  # a plain default (pydantic copies it), which `hashed` compares with
+        description="more transformers.TrainingArguments fields for every training step, e.g. lr_scheduler_type, "
+        "warmup_steps, logging_steps, report_to, optim, bf16, activation_checkpointing. Each probe, stage and "
+        "baseline stage is its own Trainer run over its own budget, so a schedule and its warmup start again in "
+        "each (warmup_steps < 1: that fraction of the run's steps); a resumed step continues its schedule. Unset: "
+        "constant lr, no warmup, logging every tenth of a run, no reporting",
+    )
+
+    @field_validator("args")
+    @classmethod
+    def _training_arguments(cls, args: dict[str, Any]) -> dict[str, Any]:
+        """Only fields the pipeline leaves free, with values transformers accepts, checked before any training."""
+        fields = [f.name for f in dataclasses.fields(TrainingArguments) if f.init]
+        for name in args:
+            if name in PIPELINE_ARGS:
+                raise ValueError(f"{name} is set by the pipeline; use {PIPELINE_ARGS[name]}")
+            if name not in fields:
+                raise ValueError(f"{name} is not a transformers.TrainingArguments field{_did_you_mean(name, fields)}")
+        try:  # the values, as training.train will pass them (on CPU with use_cpu); writes nothing
+            TrainingArguments(output_dir="unused", use_cpu=not torch.cuda.is_available(), **args)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"transformers.TrainingArguments refuses them: {e}") from None
+        return args
 
 
 class EvalSpec(_Section):
@@ -312,8 +373,23 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'recipe'}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'recipe'}: {_message(err)}" for err in e.errors())
         raise ValueError(f"{path}: {problems}") from None
+
+
+def _message(error: dict) -> str:
+    """A pydantic error's message; for an unknown key, the nearest valid key of its section."""
+    if error["type"] != "extra_forbidden":
+        return error["msg"]
+    *parents, key = error["loc"]
+    section: Any = Recipe
+    parts = iter(parents)
+    for part in parts:
+        section = section.model_fields[part].annotation
+        if get_origin(section) is dict:  # `tasks`: the next part is a task's name
+            section = get_args(section)[1]
+            next(parts, None)
+    return f"unknown key{_did_you_mean(str(key), list(section.model_fields))}"
 
 
 class _NoAliases(yaml.SafeLoader):

@@ -12,8 +12,9 @@ import math
 import os
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import PartialState
@@ -49,6 +50,7 @@ class TrainSettings:
     seed: int = 0
     save_steps: int = 50
     fsdp: bool = False  # shard parameters, gradients and optimizer state across GPUs (FSDP2); dense mode
+    args: Mapping[str, Any] = field(default_factory=dict)  # more TrainingArguments fields (recipe: training.args)
 
 
 class FreezeEntries(TrainerCallback):
@@ -167,7 +169,8 @@ def train(
     others. Returns the Trainer's output (its `global_step` counts the steps resumed from too).
 
     Under `accelerate launch` / `torchrun` (DDP) each process takes `batch_size / world size` examples, in the
-    same order a single process would, so the global batch and the result stay those of one process."""
+    same order a single process would, so the global batch and the result stay those of one process.
+    `settings.args` override the defaults below (constant lr, no warmup, ten logs a run, no reporting)."""
     world = processes().num_processes
     if settings.fsdp and not torch.cuda.is_available():
         raise ValueError(
@@ -184,19 +187,22 @@ def train(
         train_sampling_strategy="sequential",  # `examples` come shuffled; keep their order on any world size
         gradient_accumulation_steps=settings.grad_accum,
         weight_decay=settings.weight_decay,
-        lr_scheduler_type="constant",
         seed=settings.seed,
         data_seed=settings.seed,
         save_strategy="steps",
         save_steps=settings.save_steps,
         save_total_limit=2,
-        logging_steps=max(1, settings.steps // 10),
-        report_to="none",
         remove_unused_columns=False,
-        disable_tqdm=False,
-        dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),
         **(_fsdp_arguments(model) if settings.fsdp else {}),
+        **{
+            "lr_scheduler_type": "constant",
+            "logging_steps": max(1, settings.steps // 10),
+            "report_to": "none",
+            "disable_tqdm": False,
+            "dataloader_pin_memory": torch.cuda.is_available(),
+            **settings.args,
+        },
     )
     callbacks: list[TrainerCallback] = [_MarkComplete(key)]
     if frozen:

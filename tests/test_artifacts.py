@@ -26,7 +26,7 @@ def test_pipeline_cards_say_counts_tasks_stage_recipe_and_scores(recipe_file):
         counts = entry_counts(out / "stages" / str(k))
         assert f"| trainable | {counts['trainable']:,} |" in card and "| locked (frozen cores" in card
         assert f"| locked (frozen cores, never trained again) | {counts['locked']:,} |" in card
-        assert f"stage: {k + 1} of 2 (stages/{k})" in card and '"output_dir": ' in card
+        assert f"stage: stages/{k} ({k + 1} of 2)" in card and '"output_dir": ' in card
         assert card.count(BEGIN) == 1 and card.count(END) == 1 and "library_name: peft" in card  # peft's part kept
     assert entry_counts(out / "stages" / "1")["locked"] > 0  # the second stage locks the first group's core
     final = (out / "final" / "README.md").read_text()

@@ -111,7 +111,7 @@ def test_plan_cli_prints_overlap_and_writes_json_and_heatmap(cores, tmp_path, ca
     out = tmp_path / "run" / "plan.json"
     assert main(["plan", *files, "--tau", "0.1", "--order", "size", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "chance" in printed and "0.6667" in printed and "stage 3: train math, code" in printed
+    assert "chance" in printed and "0.6667" in printed and "stages/2: train math, code" in printed
     plan = StagePlan.load(out)
     assert plan.tasks == list(cores) and plan.groups == [["chat"], ["logic"], ["math", "code"]]
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
