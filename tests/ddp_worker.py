@@ -39,7 +39,8 @@ def main(model_dir: str, out_dir: str, mode: str) -> None:
             if hasattr(m, "isolation_indices")
         }
         model.base_model.lock(locked)
-        before = {n: b.clone() for n, b in model.named_buffers() if "isolation_frozen_values" in n}
+        before = {n: t.clone() for n, t in model.state_dict().items() if "isolation_frozen_values" in n}
+        assert before and any(t.numel() for t in before.values())
     else:
         frozen = {n: torch.arange(0, p.numel(), 3, dtype=torch.int32) for n, p in model.named_parameters()}
         before = {n: p.detach().flatten()[frozen[n].long()].clone() for n, p in model.named_parameters()}
@@ -47,7 +48,9 @@ def main(model_dir: str, out_dir: str, mode: str) -> None:
     after = {f"trained.{n}": p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     after |= {f"frozen_before.{n}": t for n, t in before.items()}
     if mode == "adapter":
-        after |= {f"frozen_after.{n}": b.clone() for n, b in model.named_buffers() if "isolation_frozen_values" in n}
+        after |= {
+            f"frozen_after.{n}": t.clone() for n, t in model.state_dict().items() if "isolation_frozen_values" in n
+        }
     else:
         after |= {
             f"frozen_after.{n}": p.detach().flatten()[frozen[n].long()].clone() for n, p in model.named_parameters()

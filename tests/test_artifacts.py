@@ -86,3 +86,24 @@ def test_the_tuner_export_and_merge_need_no_pipeline_dependency(tiny_dir, tmp_pa
     modules = set(done.stdout.split("modules", 1)[1].split())
     assert not modules & {"peft_isolate.pipeline", "peft_isolate.recipe", "peft_isolate.data", "peft_isolate.evaluate"}
     assert "pip install 'peft-isolate[pipeline]'" in done.stderr.strip().splitlines()[-1]
+
+
+def test_save_pretrained_writes_the_card_with_counts_after_stage_operations(load_tiny, tmp_path):
+    peft_model = get_peft_model(load_tiny(), IsolationConfig(target_modules="all-linear", density=0.1))
+    layer = next(m for m in peft_model.modules() if hasattr(m, "isolation_indices"))
+    peft_model.base_model.hold()
+    locked = peft_model.base_model.lock(
+        {f"{_name_of(peft_model, layer)}.weight": layer.isolation_frozen_indices["default"][:5]}
+    )
+    peft_model.save_pretrained(tmp_path / "a")
+    card = (tmp_path / "a" / "README.md").read_text()
+    counts = entry_counts(tmp_path / "a")
+    assert counts == {"trainable": 0, "held": counts["held"], "locked": 5, "weights": 14} and locked == 0
+    assert "| trainable | 0 |" in card and "| locked (frozen cores, never trained again) | 5 |" in card
+    assert f"| held (in the forward, not trained now) | {counts['held']:,} |" in card and counts["held"] > 0
+    assert "library_name: peft" in card  # peft's own card stays
+
+
+def _name_of(model, module) -> str:
+    name = next(n for n, m in model.base_model.model.named_modules() if m is module)
+    return name

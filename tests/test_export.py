@@ -42,7 +42,7 @@ def adapter(tiny_dir, tmp_path_factory):
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     peft_model = get_peft_model(model, IsolationConfig(target_modules="all-linear", density=0.1, init_weights=False))
     layer = next(m for m in peft_model.modules() if isinstance(m, IsolationLayer))
-    assert layer.lock_entries("default", layer.isolation_indices["default"][::3].clone()) > 0
+    assert layer.lock(layer.isolation_indices["default"][::3].clone(), "default") > 0
     path = tmp_path_factory.mktemp("adapter")
     peft_model.save_pretrained(path)
     merged = copy.deepcopy(peft_model).merge_and_unload()

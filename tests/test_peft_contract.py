@@ -18,8 +18,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 import yaml
-from peft import PeftModel, get_peft_model, get_peft_model_state_dict, inject_adapter_in_model
-from peft import set_peft_model_state_dict
+from peft import (
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_peft_model_state_dict,
+)
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -32,9 +37,6 @@ TENSOR_NAMES = {
     "isolation_frozen_values",
     "isolation_frozen_locked",
 }
-# merging rounds each weight once in half precision, the unmerged forward rounds base and delta apart: outputs
-# (all under 1 here) agree to four steps of the dtype at [0.5, 1), against adapter effects of 0.1 and more
-HALF_TOLERANCE = {torch.bfloat16: 4 * 2**-8, torch.float16: 4 * 2**-11}
 HALF = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 AUTOCAST = pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "no_autocast"])
 
@@ -55,6 +57,7 @@ class MLP(nn.Module):
 class Case:
     """A base model to adapt (each call a fresh, identical one), the layers to target and one batch's output."""
 
+    name: str
     make: Callable[[torch.dtype], nn.Module]
     target_modules: str | list[str]
     forward: Callable[[nn.Module, torch.dtype], torch.Tensor]
@@ -83,8 +86,9 @@ def _mlp(dtype: torch.dtype) -> nn.Module:
 @pytest.fixture(params=["mlp", "llama"])
 def case(request, tiny_dir) -> Case:
     if request.param == "mlp":
-        return Case(_mlp, ["lin0", "lin1"], lambda model, dtype: model(X.to(dtype)))
+        return Case("mlp", _mlp, ["lin0", "lin1"], lambda model, dtype: model(X.to(dtype)))
     return Case(
+        "llama",
         lambda dtype: AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=dtype),
         "all-linear",
         lambda model, dtype: model(TOKENS).logits,
@@ -253,7 +257,7 @@ def test_several_active_adapters_train_together(case):
     expected = case.out(peft_model)
     peft_model.train()
     y = case.forward(peft_model, torch.float32)
-    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)  # the training product sums in another order
+    assert torch.equal(y, expected)  # several adapters: the sparse products, in training as in evaluation
     y.square().mean().backward()
     values = [p for n, p in peft_model.named_parameters() if ".isolation_values." in n]
     assert {p.requires_grad for p in values} == {True} and all(p.grad.abs().sum() > 0 for p in values)
@@ -263,20 +267,27 @@ def test_several_active_adapters_train_together(case):
 @AUTOCAST
 def test_half_precision_merge_unmerge_and_unload(case, dtype, autocast):
     """On a bf16 or fp16 base, with fp32 values (the default) or values in the base dtype, and a frozen part:
-    merging (safe or not), unmerging and unloading agree with the unmerged forward."""
+    merging (safe or not), unmerging and unloading agree with the unmerged forward. Merging rounds each weight once
+    in half precision, the unmerged forward rounds base and delta apart: outputs agree to four steps of the dtype
+    at the largest output, against an adapter that moves them by five times that at least."""
     peft_model = get_peft_model(case.base(dtype), case.config(), autocast_adapter_dtype=autocast)
     _lock_half(peft_model)
-    expected = torch.float32 if autocast else dtype
-    assert {p.dtype for n, p in peft_model.named_parameters() if "isolation_" in n} == {expected}
-    unmerged, tolerance = case.out(peft_model, dtype), {"rtol": 0, "atol": HALF_TOLERANCE[dtype]}
+    values = [p for n, p in peft_model.named_parameters() if "isolation_" in n]
+    assert {p.dtype for p in values} == {torch.float32 if autocast else dtype}
+    with torch.no_grad():  # ten times init_weights=False's values: those move the MLP's outputs by the tolerance
+        for p in values:
+            p.mul_(10)
+    unmerged = case.out(peft_model, dtype)
+    atol = 4 * torch.finfo(dtype).eps * unmerged.abs().max().item()
+    assert (unmerged - case.out(case.base(dtype), dtype)).abs().max() > 5 * atol
     for safe_merge in (False, True):
         peft_model.merge_adapter(safe_merge=safe_merge)
-        torch.testing.assert_close(case.out(peft_model, dtype), unmerged, **tolerance)
+        torch.testing.assert_close(case.out(peft_model, dtype), unmerged, rtol=0, atol=atol)
         peft_model.unmerge_adapter()
-        torch.testing.assert_close(case.out(peft_model, dtype), unmerged, **tolerance)
+        torch.testing.assert_close(case.out(peft_model, dtype), unmerged, rtol=0, atol=atol)
     merged = peft_model.merge_and_unload()
     assert {p.dtype for p in merged.parameters()} == {dtype}
-    torch.testing.assert_close(case.out(merged, dtype), unmerged, **tolerance)
+    torch.testing.assert_close(case.out(merged, dtype), unmerged, rtol=0, atol=atol)
 
 
 @AUTOCAST
@@ -366,20 +377,50 @@ def test_layers_expose_in_and_out_features(case):
         assert (layer.in_features, layer.out_features) == (base.in_features, base.out_features)
 
 
+def _assert_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert torch.equal(actual, expected)
+
+
+def _assert_rounding_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to fp32 rounding of sums taken in another order: within 1e-5 of the largest magnitude."""
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Compile from scratch, so that no test runs into the recompile limit that earlier ones used up."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("step", ["forward", "training"])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_torch_compile_matches_eager(case, backend):
-    """A compiled forward and training step equal eager ones: exactly with aot_eager (the same kernels), within
-    float rounding with inductor (fused kernels sum in other orders). Graphs break at each adapted layer's
-    `delta_pattern`, which reads the index tensors' versions."""
+def test_torch_compile_matches_eager(case, backend, step, fresh_dynamo):
+    """A compiled evaluation forward (the CSR product) and training step (the merged product) match eager ones:
+    aot_eager runs the same kernels forward, so outputs are equal bit for bit; its backward, and inductor's fused
+    kernels, sum in other orders. Graphs break at each adapted layer's `delta_pattern` (it reads the index tensors'
+    versions) and inside the sparse products, and each support size recompiles the layer's frames."""
+    if case.name == "llama" and (backend, step) != ("aot_eager", "forward"):
+        pytest.skip(
+            "the MLP covers it: on 2 cores the tiny Llama takes about 30 s to compile for a training step (one "
+            "recompile per support size and input requires_grad, past dynamo's limit of 8, so some frames run "
+            "eagerly) and 36 s with inductor"
+        )
     eager, compiled = (get_peft_model(case.base(), case.config()) for _ in range(2))
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    compiled_forward = torch.compile(compiled, backend=backend)
-    check = torch.testing.assert_close if backend == "inductor" else lambda a, b: torch.equal(a, b) or pytest.fail()
-    check(case.out(compiled_forward), case.out(eager))
-    for model in (eager, compiled_forward):
-        model.train()
-        case.forward(model, torch.float32).square().mean().backward()
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
-    for (name, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters(), strict=True):
-        if a.requires_grad:
-            check(b.grad, a.grad)
+    compiled_model = torch.compile(compiled, backend=backend)
+    check_output = _assert_equal if backend == "aot_eager" else _assert_rounding_close
+    if step == "forward":
+        check_output(case.out(compiled_model), case.out(eager))
+    else:
+        outputs = []
+        for model in (eager, compiled_model):
+            model.train()
+            y = case.forward(model, torch.float32)
+            y.square().mean().backward()
+            outputs.append(y.detach())
+        check_output(outputs[1], outputs[0])
+        for a, b in zip(eager.parameters(), compiled.parameters(), strict=True):
+            if a.requires_grad:
+                _assert_rounding_close(b.grad, a.grad)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it compiled, not fell back to eager

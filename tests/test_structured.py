@@ -134,13 +134,14 @@ def test_a_structured_support_trains_like_the_same_entries_as_elements(load_tiny
     peft_model.base_model.lock(rows_a)
     assert peft_model.base_model.add_trainable(rows_b.difference(rows_a)) == rows_b.difference(rows_a).size
     assert rows_b.intersection(rows_a).size > 0  # some of B's rows hold A's locked entries
-    before = {n: b.clone() for n, b in peft_model.named_buffers() if "isolation_frozen_values" in n}
+    before = {n: t.clone() for n, t in peft_model.state_dict().items() if "isolation_frozen_values" in n}
+    assert sum(t.numel() for t in before.values()) == rows_a.size  # every locked entry is checked
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     for _ in range(3):
         peft_model(tokens, labels=tokens).loss.backward()
         opt.step()
         opt.zero_grad()
-    after = dict(peft_model.named_buffers())
+    after = peft_model.state_dict()
     assert all(torch.equal(after[n], b) for n, b in before.items())
 
     plan = plan_stages({"a": rows_a, "b": rows_b}, tau=0.5)
@@ -150,3 +151,28 @@ def test_a_structured_support_trains_like_the_same_entries_as_elements(load_tiny
         expected_jaccard(chosen_a, chosen_b, rows), rel=1e-12
     )  # rows, not entries
     assert plan.chance[0][1] != pytest.approx(expected_jaccard(rows_a.size, rows_b.size, rows_a.numel), rel=0.05)
+
+
+@pytest.mark.parametrize("init", ["random", "magnitude"])
+@pytest.mark.parametrize(("granularity", "block"), GRANULARITIES)
+def test_random_and_magnitude_supports_take_whole_units(load_tiny, init, granularity, block):
+    model = load_tiny()
+    weight = model.get_submodule("model.layers.0.mlp.down_proj").weight.detach().clone()  # [64, 128]
+    config = IsolationConfig(target_modules="all-linear", density=0.1, init=init, granularity=granularity, block=block)
+    peft_model = get_peft_model(model, config)
+    layer = peft_model.base_model.model.get_submodule("model.layers.0.mlp.down_proj")
+    idx = layer.isolation_indices["default"].long()
+    rows, cols = weight.shape
+    per_unit = cols if granularity == "row" else rows if granularity == "column" else block * block
+    assert idx.numel() == (int(0.1 * rows * cols) // per_unit) * per_unit  # whole units that fit in the count
+    if granularity == "block":
+        units = torch.unique((idx // cols // block) * (cols // block) + idx % cols // block)
+    else:
+        units = torch.unique(idx // cols if granularity == "row" else idx % cols)
+    assert torch.equal(unit_entries(units, (rows, cols), granularity, block), idx)  # each unit whole
+    if init == "magnitude":  # the units with the largest summed squares
+        view = {"row": weight.square().sum(1), "column": weight.square().sum(0)}.get(granularity)
+        if view is not None:
+            assert set(units.tolist()) == set(torch.topk(view, units.numel()).indices.tolist())
+    with pytest.raises(ValueError, match="give block="):
+        IsolationConfig(target_modules="all-linear", granularity="block")

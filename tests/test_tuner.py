@@ -274,6 +274,11 @@ def test_save_and_reload_bit_identical(load_tiny, tiny_dir, tmp_path, kind):
         assert torch.equal(logits(auto), expected)
 
 
+def _weights(peft_model):
+    """(weight name, layer) of every isolation layer, named as regions name them."""
+    return [(f"{n}.weight", layer) for n, layer in layers(peft_model.base_model.model).items()]
+
+
 def _outside(layer, n, adapter="default"):
     """`n` flat positions of the layer's weight outside the adapter's support."""
     support = torch.cat([layer.isolation_indices[adapter], layer.isolation_frozen_indices[adapter]])
@@ -328,11 +333,6 @@ def test_frozen_values_never_require_grad_through_casts_and_loads(tiny_dir, tmp_
     trained = [p for n, p in reloaded.named_parameters() if "isolation_values" in n]
     assert frozen and all(p.dtype == torch.float32 and not p.requires_grad for p in frozen)
     assert all(p.dtype == torch.float32 and p.requires_grad for p in trained)
-
-
-def _weights(peft_model):
-    """(weight name, layer) of every isolation layer, named as regions name them."""
-    return [(f"{n}.weight", layer) for n, layer in layers(peft_model.base_model.model).items()]
 
 
 def test_trainable_count_counts_each_support_entry_once(load_tiny):
@@ -414,7 +414,7 @@ def test_hooks_on_the_base_layer_run_in_training_and_eval(hook, training):
     x = torch.randn(3, 16)
     with torch.no_grad():  # the hooked base layer's output plus the delta's, computed densely
         base_out = torch.nn.functional.linear(2 * x if hook == "forward_pre" else x, base.weight, base.bias)
-        expected = base_out + (hook == "forward") + x @ layer.get_delta_weight("default").T
+        expected = base_out + (1.0 if hook == "forward" else 0.0) + x @ layer.get_delta_weight("default").T
     peft_model.train(training)
     with torch.set_grad_enabled(training):
         y = peft_model(x)
@@ -423,6 +423,16 @@ def test_hooks_on_the_base_layer_run_in_training_and_eval(hook, training):
     if training:
         y.sum().backward()
         assert layer.isolation_values["default"].grad.abs().sum() > 0
+
+
+def test_a_backward_hook_on_the_base_layer_runs_in_training():
+    base = torch.nn.Linear(16, 8)
+    peft_model = get_peft_model(torch.nn.Sequential(base), IsolationConfig(target_modules=["0"], density=0.25))
+    calls = []
+    base.register_full_backward_hook(lambda module, grad_input, grad_output: calls.append(module))
+    peft_model.train()
+    peft_model(torch.randn(3, 16, requires_grad=True)).sum().backward()  # as inside a model: a backward reaches it
+    assert calls == [base]
 
 
 def test_delete_adapter_frees_its_sparsity_structure(load_tiny):

@@ -28,10 +28,6 @@ from functools import cached_property
 
 import torch
 
-# CSR support is "beta" in torch and says so; the invariants are ours to keep (sorted unique in-range indices,
-# checked when an index set enters a layer), so torch's own per-call checks stay off.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-
 _SPARSE_DTYPES = (torch.float32, torch.float64)
 
 
@@ -44,7 +40,11 @@ def _csr_structure(indices: torch.Tensor, shape: tuple[int, int]) -> tuple[torch
 
 
 def _csr(structure: tuple[torch.Tensor, torch.Tensor], values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    return torch.sparse_csr_tensor(*structure, values, shape, check_invariants=False)
+    """CSR support is "beta" in torch and says so on every creation; the invariants are ours to keep (sorted
+    unique in-range indices, checked when an index set enters a layer), so torch's per-call checks stay off."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        return torch.sparse_csr_tensor(*structure, values, shape, check_invariants=False)
 
 
 class DeltaPattern:

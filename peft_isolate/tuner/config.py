@@ -9,6 +9,7 @@ from typing import Literal
 from peft.config import PeftConfig
 
 from .._io import open_tensors
+from ..regions import BLOCK_SIZES, GRANULARITIES
 from ._peft_type import ensure_peft_type
 
 INIT_CHOICES = ("random", "magnitude", "regions")
@@ -39,11 +40,18 @@ class IsolationConfig(PeftConfig):
         frozen (`str`, *optional*):
             Path to a core-regions file whose entries are locked: never trainable, delta held at zero.
         seed (`int`, defaults to `0`):
-            Seed of the random support (combined with each module's name).
+            Seed of the random support, combined with each module's name but not with the adapter's: adapters made
+            from one config get the same support (so a saved config reproduces it under any name); give each
+            adapter its own seed for independent supports.
         init_weights (`bool`, defaults to `True`):
             Start from a zero delta (the adapter equals the base). `False` draws small random values (for tests).
         modules_to_save (`list[str]`, *optional*):
             Modules apart from the isolation layers to train fully and save in the checkpoint.
+        granularity (`str`, defaults to `"element"`):
+            With `init` random or magnitude: take whole `row`s, `column`s or `block`s (of side `block`) by their
+            random score or summed squared magnitude, while they fit in the `density` count.
+        block (`int`, *optional*):
+            Block side (16, 32, 64 or 128) with `granularity="block"`.
         weight_shapes (`dict[str, list[int]]`, *optional*):
             Filled in at injection: each adapted module's weight shape `[out, in]`. Saved with the adapter, so loading
             it on, or exporting it against, a base of other shapes is refused (flat indices would point elsewhere).
@@ -60,7 +68,7 @@ class IsolationConfig(PeftConfig):
         default=0.01,
         metadata={"help": "Fraction in (0, 1] of each targeted weight that is trainable (init random/magnitude)."},
     )
-    init: Literal["random", "magnitude", "regions"] = field(
+    init: Literal[INIT_CHOICES] = field(
         default="random", metadata={"help": "Support selection: 'random' (seeded), 'magnitude' or 'regions'."}
     )
     regions: str | None = field(
@@ -69,7 +77,13 @@ class IsolationConfig(PeftConfig):
     frozen: str | None = field(
         default=None, metadata={"help": "Core-regions file whose entries are locked: never trainable."}
     )
-    seed: int = field(default=0, metadata={"help": "Seed of the random support, combined with module names."})
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "Seed of the random support, combined with module names but not adapter names: adapters from one "
+            "config share their support; give each its own seed for independent ones."
+        },
+    )
     init_weights: bool = field(
         default=True, metadata={"help": "Zero initial delta; False draws small random values (tests only)."}
     )
@@ -77,6 +91,11 @@ class IsolationConfig(PeftConfig):
         default=None, metadata={"help": "Other modules to train fully and save in the checkpoint."}
     )
 
+    granularity: Literal[GRANULARITIES] = field(
+        default="element",
+        metadata={"help": "What a random or magnitude support takes whole: entries, rows, columns or blocks."},
+    )
+    block: int | None = field(default=None, metadata={"help": "Block side (16, 32, 64, 128) with granularity block."})
     weight_shapes: dict[str, list[int]] | None = field(
         default=None, metadata={"help": "Adapted weight shapes, recorded at injection; checked when loading."}
     )
@@ -92,6 +111,10 @@ class IsolationConfig(PeftConfig):
             raise ValueError(f"init={self.init!r} is not one of {INIT_CHOICES}")
         if not 0.0 < self.density <= 1.0:
             raise ValueError(f"density={self.density} must be in (0, 1]: it is the trainable fraction of a weight")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity={self.granularity!r} is not one of {GRANULARITIES}")
+        if (self.granularity == "block") != (self.block is not None) or self.block not in (None, *BLOCK_SIZES):
+            raise ValueError(f"give block= (one of {BLOCK_SIZES}) with granularity='block', and only then")
         if self.regions is not None and self.init != "regions":
             raise ValueError(f"a `regions` file is only used with init='regions', not init={self.init!r}")
         for what in ("regions", "frozen"):
@@ -104,6 +127,14 @@ class IsolationConfig(PeftConfig):
         d = super().to_dict()
         d["regions"] = d["frozen"] = None
         return d
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Save the config; beside adapter weights (peft saves them first), also the card's peft-isolate section."""
+        super().save_pretrained(save_directory, **kwargs)
+        if os.path.isfile(os.path.join(save_directory, "adapter_model.safetensors")):
+            from ..card import write_card
+
+            write_card(save_directory)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):

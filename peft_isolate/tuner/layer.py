@@ -12,7 +12,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from peft.utils.integrations import dequantize_bnb_weight, get_bnb_param_type
 from torch import nn
 
-from ..regions import check_index_set, core_count
+from ..regions import check_index_set, core_count, unit_count, unit_entries, unit_of, unit_sizes
 from ._ops import DeltaPattern, dense_delta, merged_delta_linear, sparse_delta_linear
 from .config import IsolationConfig
 
@@ -105,15 +105,32 @@ class IsolationLayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def _select_support(self, config: IsolationConfig, locked: torch.Tensor, module_name: str) -> torch.Tensor:
-        """The `density` fraction of entries by seeded random score or base magnitude, never a locked one."""
+        """The `density` fraction of entries by seeded random score or base magnitude, never a locked one; with a
+        `granularity`, whole rows, columns or blocks by their random score or summed squared magnitude, taken while
+        they fit in the same count, minus any locked entries."""
         numel = self.out_features * self.in_features
         k = min(core_count(config.density, numel), numel - locked.numel())
         if config.init == "magnitude":
-            score = dequantized_weight(self.get_base_layer()).float().abs().flatten()
+            score = dequantized_weight(self.get_base_layer()).float().flatten()
+            score = score.abs() if config.granularity == "element" else score.square()
         else:
             score = torch.rand(numel, generator=_generator(config, module_name))
-        score[locked.long()] = -1.0
-        return torch.topk(score, k, sorted=False).indices.sort().values.to(torch.int32)
+        if config.granularity == "element":
+            score[locked.long()] = -1.0
+            return torch.topk(score, k, sorted=False).indices.sort().values.to(torch.int32)
+        g, b = config.granularity, config.block
+        if config.init == "magnitude":
+            units = torch.zeros(unit_count(self.shape, g, b), dtype=torch.float64)
+            units.index_add_(0, unit_of(torch.arange(numel), self.shape, g, b), score.double())
+        else:
+            units = score[: unit_count(self.shape, g, b)]
+        sizes, chosen = unit_sizes(self.shape, g, b), []
+        for unit in torch.argsort(units, descending=True, stable=True).tolist():
+            if sizes[unit] <= k:
+                chosen.append(unit)
+                k -= int(sizes[unit])
+        entries = unit_entries(torch.tensor(chosen, dtype=torch.int64), self.shape, g, b)
+        return entries[~torch.isin(entries, locked.long())].to(torch.int32)
 
     def _move_adapter_to_device_of_base_layer(
         self, adapter_name: str, device: torch.device | None = None, dtype: torch.dtype | None = None
@@ -127,7 +144,9 @@ class IsolationLayer(BaseTunerLayer):
                 continue
             tensor = store[adapter_name]
             moved = tensor.to(device, dtype if tensor.is_floating_point() else None)
-            if isinstance(tensor, nn.Parameter) and moved is not tensor:  # ParameterDict would make it trainable
+            if moved is tensor:
+                continue
+            if isinstance(tensor, nn.Parameter):  # a ParameterDict would wrap a plain tensor as a trainable one
                 moved = nn.Parameter(moved, tensor.requires_grad)
             store[adapter_name] = moved
 

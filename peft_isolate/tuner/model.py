@@ -7,6 +7,7 @@ import math
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import NoReturn
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
@@ -154,7 +155,14 @@ class IsolationModel(BaseTuner):
                 layer._move_adapter_to_device_of_base_layer(adapter_name, dtype=dtype)
 
     @classmethod
-    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: IsolationConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
         """peft's selection, each tensor marked so that pickling it is refused: `save_pretrained` writes isolation
         adapters as safetensors only (`safe_serialization=False` fails before any tensor is written)."""
         tensors = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
@@ -218,10 +226,10 @@ class IsolationModel(BaseTuner):
 class _RefusePickle:
     """Carried by the tensors of a saved adapter: pickling one fails with a clear error (copying works)."""
 
-    def __reduce__(self):
+    def __reduce__(self) -> NoReturn:
         raise ValueError(
-            "isolation adapters are saved as safetensors only: call save_pretrained() without "
-            "safe_serialization=False (pickle files are never written nor read)"
+            "isolation adapters are saved as safetensors only: drop safe_serialization=False (their tensors refuse "
+            "pickling)"
         )
 
     def __deepcopy__(self, memo: dict) -> _RefusePickle:
