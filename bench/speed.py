@@ -42,7 +42,7 @@ SHAPES = {  # random Llama shapes for GPU timing (weights do not matter for spee
 }
 
 
-def _load(args):
+def load(args):
     """SmolLM2-135M (CPU or GPU), or a random bf16 Llama of a larger shape saved once (no tokenizer: timing needs
     none) and loaded like a checkpoint."""
     import tempfile
@@ -75,7 +75,7 @@ def _linear_sizes(model) -> tuple[int, int]:
     return sum(i + o for i, o in rows), sum(i * o for i, o in rows)
 
 
-def _adapt(model, method: str, density: float):
+def adapt(model, method: str, density: float):
     from peft import LoraConfig, ShiraConfig, get_peft_model
 
     from peft_isolate import IsolationConfig
@@ -119,7 +119,7 @@ def _use_dense_value_gradient() -> None:
     DeltaPattern.value_gradient = dense_value_gradient
 
 
-class _PeakRSS(threading.Thread):
+class PeakRSS(threading.Thread):
     """Samples this process's RSS every 2 ms; `peak` is the maximum seen."""
 
     def __init__(self):
@@ -134,16 +134,29 @@ class _PeakRSS(threading.Thread):
             time.sleep(0.002)
 
 
-def run_one(args) -> dict:
-    """Time `args.steps` training steps of one method in this process."""
+def run_one(args, model=None) -> dict:
+    """Time `args.steps` training steps of one method in this process (of `model`, already adapted, if given)."""
     torch.manual_seed(0)
-    model = _adapt(_load(args), args.method, args.density)
-    device = next(model.parameters()).device
-    cuda = device.type == "cuda"
+    model = model if model is not None else adapt(load(args), args.method, args.density)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    tokens = torch.randint(0, 1000, (args.batch, args.seq), device=next(model.parameters()).device)
+    time_s, peak = time_steps(model, tokens, args.steps)
+    return {
+        "method": args.method,
+        "density": args.density,
+        "seq": args.seq,
+        "trainable": sum(p.numel() for p in trainable) if args.method != "none" else 0,
+        "time_s": time_s,
+        "peak_mib": peak / 2**20,
+    }
+
+
+def time_steps(model, tokens: torch.Tensor, steps: int) -> tuple[float, float]:
+    """The median time of `steps` AdamW training steps on `tokens` after one warm-up step, and the peak memory
+    (bytes) above what was allocated before: CUDA's allocator on a GPU, the sampled RSS on CPU."""
+    cuda = tokens.device.type == "cuda"
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
-    tokens = torch.randint(0, 1000, (args.batch, args.seq), device=device)
-    n_trainable = sum(p.numel() for p in trainable) if args.method != "none" else 0
 
     def step():
         loss = model(input_ids=tokens, labels=tokens).loss
@@ -160,11 +173,11 @@ def run_one(args) -> dict:
         import psutil
 
         base_mem = psutil.Process().memory_info().rss
-        sampler = _PeakRSS()
+        sampler = PeakRSS()
         sampler.start()
     step()  # warm-up (counted in peak memory: it allocates the optimizer state)
     times = []
-    for _ in range(args.steps):
+    for _ in range(steps):
         t0 = time.perf_counter()
         step()
         if cuda:
@@ -176,14 +189,7 @@ def run_one(args) -> dict:
         sampler.running = False
         sampler.join()
         peak = sampler.peak - base_mem
-    return {
-        "method": args.method,
-        "density": args.density,
-        "seq": args.seq,
-        "trainable": n_trainable,
-        "time_s": statistics.median(times),
-        "peak_mib": peak / 2**20,
-    }
+    return statistics.median(times), peak
 
 
 def main() -> None:
@@ -236,8 +242,25 @@ def _medians(runs: dict[tuple, list[dict]]) -> list[dict]:
     ]
 
 
-def _ratio(row: dict, ref: dict | None, key: str) -> str:
+def ratio(row: dict, ref: dict | None, key: str) -> str:
     return f"{row[key] / ref[key]:.2f}" if ref and ref[key] > 0 else "-"
+
+
+def table_rows(rows: list[dict], failed: list[str]) -> list[str]:
+    """The rows of the speed table (step time and peak memory, with their ratios to QLoRA and to the floor of the
+    same sequence length), then the failures."""
+    qlora = {(m["seq"], m["density"]): m for m in rows if m["method"] == "qlora"}
+    floor_of = {m["seq"]: m for m in rows if m["method"] == "none"}  # one per sequence length: it has no density
+    lines = []
+    for r in rows:
+        lora, floor = qlora.get((r["seq"], r["density"])), floor_of.get(r["seq"])
+        density = "-" if r["method"] == "none" else f"{r['density']:.3%}"
+        lines.append(
+            f"| {r['seq']} | {density} | {r['method']} | {r['trainable']:,} | {r['time_s']:.3f} | "
+            f"{ratio(r, lora, 'time_s')} | {ratio(r, floor, 'time_s')} | {r['peak_mib']:.0f} | "
+            f"{ratio(r, lora, 'peak_mib')} |"
+        )
+    return lines + [f"\nFailed: {f}" for f in failed]
 
 
 def write_table(rows: list[dict], failed: list[str], args) -> str:
@@ -251,17 +274,7 @@ def write_table(rows: list[dict], failed: list[str], args) -> str:
         "| seq | density | method | trainable | step (s) | x QLoRA | x floor | peak mem (MiB) | mem x QLoRA |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    qlora = {(m["seq"], m["density"]): m for m in rows if m["method"] == "qlora"}
-    floor_of = {m["seq"]: m for m in rows if m["method"] == "none"}  # one per sequence length: it has no density
-    for r in rows:
-        lora, floor = qlora.get((r["seq"], r["density"])), floor_of.get(r["seq"])
-        density = "-" if r["method"] == "none" else f"{r['density']:.3%}"
-        lines.append(
-            f"| {r['seq']} | {density} | {r['method']} | {r['trainable']:,} | {r['time_s']:.3f} | "
-            f"{_ratio(r, lora, 'time_s')} | {_ratio(r, floor, 'time_s')} | {r['peak_mib']:.0f} | "
-            f"{_ratio(r, lora, 'peak_mib')} |"
-        )
-    lines += [f"\nFailed: {f}" for f in failed]
+    lines += table_rows(rows, failed)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     return "\n".join(lines)

@@ -27,6 +27,18 @@ for path in (REPO / "bench", REPO / "tests", REPO):  # seesaw.py and speed.py; t
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "peft-isolate")
 
 
+# the dry run's model (tests/tiny.py's width: the smallest bitsandbytes' CPU 4-bit kernels take)
+TINY_LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=1000,
+    max_position_embeddings=512,
+)
+
+
 def version(name: str) -> str:
     try:
         return importlib.metadata.version(name)

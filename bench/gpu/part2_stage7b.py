@@ -18,13 +18,12 @@ from __future__ import annotations
 import gc
 import os
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import gib, header, parser, peak_memory_reset, write
+from common import TINY_LLAMA, gib, header, parser, peak_memory_reset, write
 
 LLAMA2_7B = dict(
     hidden_size=4096,
@@ -35,15 +34,6 @@ LLAMA2_7B = dict(
     vocab_size=32000,
     max_position_embeddings=4096,
     rms_norm_eps=1e-5,
-)
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=1000,
-    max_position_embeddings=512,
 )
 GOAL_GIB = 16.0
 
@@ -155,50 +145,26 @@ def qlora(model, trainable: int):
 
 
 def measure(model, steps: int, seq: int, vocab: int) -> dict:
+    """speed.py's timing of AdamW steps at batch 1 and `seq` tokens, with the absolute peak memory."""
+    from speed import time_steps
+
     device = next(p for p in model.parameters()).device
     cuda = device.type == "cuda"
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    tokens = torch.randint(0, vocab, (1, seq), device=device)
-
-    def step():
-        loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    sampler = None
     if cuda:
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
     else:
         import psutil
-        from speed import _PeakRSS  # bench/speed.py's RSS sampler
 
         before = psutil.Process().memory_info().rss
-        sampler = _PeakRSS()
-        sampler.start()
-    step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    if cuda:
-        peak, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
-    else:
-        sampler.running = False
-        sampler.join()
-        peak = reserved = sampler.peak
+    step_s, above = time_steps(model, torch.randint(0, vocab, (1, seq), device=device), steps)
     return {
-        "trainable": sum(p.numel() for p in params),
-        "step_s": statistics.median(times),
-        "tokens_s": seq / statistics.median(times),
-        "peak": peak,
-        "reserved": reserved,
-        "above": peak - before,
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "step_s": step_s,
+        "tokens_s": seq / step_s,
+        "peak": before + above,
+        "reserved": torch.cuda.max_memory_reserved() if cuda else before + above,
+        "above": above,
     }
 
 
@@ -210,7 +176,7 @@ def main() -> None:
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    shape, seq, steps = (TINY, 64, 1) if args.dry_run else (LLAMA2_7B, args.seq, args.steps)
+    shape, seq, steps = (TINY_LLAMA, 64, 1) if args.dry_run else (LLAMA2_7B, args.seq, args.steps)
     args.work.mkdir(parents=True, exist_ok=True)
     name = "tiny" if args.dry_run else "llama2-7b"
     path = (args.work if args.dry_run else scratch(args.work, 13.5)) / f"peft-isolate-gpu-{name}-bf16"

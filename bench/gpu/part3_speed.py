@@ -1,7 +1,7 @@
 """Part 3: bench/speed.py's sweep on the GPU: TinyLlama-1.1B's shape in nf4, seq 256 and 1024, density
 0.1 / 1 / 5 %, the floor (none), QLoRA, SHiRA and the isolation adapter, 10 timed steps each.
 
-Measured with speed.py's own functions (`_load`, `_adapt`, `run_one`: same model, batch 4, tokens, optimizer,
+Measured with speed.py's own functions (`load`, `adapt`, `run_one`: same model, batch 4, tokens, optimizer,
 warm-up, median step and peak-memory rules), but in one process on one loaded base (each adapter unloaded
 after its row) instead of a process per row, which would spend most of the part's deadline starting Python
 and loading the model 20 times. torch's peak allocated memory is measured from each row's own start, so
@@ -22,21 +22,13 @@ import traceback
 from pathlib import Path
 
 import torch
-from common import header, parser, peak_memory_reset, write
+from common import TINY_LLAMA, header, parser, peak_memory_reset, write
 
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=1000,
-)
 METHODS = ("none", "qlora", "shira", "isolation")
 
 
 def prebuild(shape: str) -> float:
-    """Save speed.py's random model for `shape` where its `_load` looks, atomically (speed.py itself takes any
+    """Save speed.py's random model for `shape` where its `load` looks, atomically (speed.py itself takes any
     existing folder as complete, so a build killed half-way would break every later run)."""
     import speed
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -66,22 +58,14 @@ def main() -> None:
 
     shape, steps, seqs = "1b", args.steps, args.seq
     if args.dry_run:
-        speed.SHAPES["gpu-dry-tiny"] = TINY
+        speed.SHAPES["gpu-dry-tiny"] = TINY_LLAMA
         shape, steps, seqs = "gpu-dry-tiny", 1, [32]
     info = {"shape": shape, "steps": steps, "batch": args.batch, "build_s": prebuild(shape)}
     run = argparse.Namespace(shape=shape, quant="nf4", batch=args.batch, steps=steps, method="none", density=0.01)
     t0 = time.time()
-    base = speed._load(run)
+    base = speed.load(run)
     info["load_s"] = time.time() - t0
     adapted: list = []
-    adapt = speed._adapt
-    speed._load = lambda _args: base  # every row on the one loaded base
-
-    def recording_adapt(model, method, density):
-        adapted.append(adapt(model, method, density))
-        return adapted[-1]
-
-    speed._adapt = recording_adapt
     rows, failed = [], []
     out = args.out / "part3_speed.md"
     write(out, table(args, info, rows, failed, "warming up"))
@@ -94,11 +78,13 @@ def main() -> None:
                 run.method, run.density, run.seq = method, density, seq
                 try:
                     if first:  # one-off allocations (CUDA context, cuBLAS workspace) before any measured row
-                        speed.run_one(argparse.Namespace(**{**vars(run), "method": "none", "steps": 1}))
+                        adapted.append(speed.adapt(base, "none", density))
+                        speed.run_one(argparse.Namespace(**{**vars(run), "method": "none", "steps": 1}), adapted[-1])
                         _release(base, adapted)
                         first = False
                     peak_memory_reset()
-                    rows.append(speed.run_one(run))
+                    adapted.append(speed.adapt(base, method, density))  # every row on the one loaded base
+                    rows.append(speed.run_one(run, adapted[-1]))
                     print(f"part 3: {rows[-1]}", flush=True)
                 except Exception as e:  # a failing method is a result too; the others go on
                     failed.append(f"{method} (seq {seq}, density {density}): {type(e).__name__}: {e}"[:400])
@@ -141,19 +127,8 @@ def table(args, info: dict, rows: list[dict], failed: list[str], note: str) -> l
         "| seq | density | method | trainable | step (s) | x QLoRA | x floor | peak mem (MiB) | mem x QLoRA |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    qlora = {(r["seq"], r["density"]): r for r in rows if r["method"] == "qlora"}
-    floor = {r["seq"]: r for r in rows if r["method"] == "none"}
     order = sorted(rows, key=lambda r: (r["seq"], r["density"] if r["method"] != "none" else -1))
-    for r in order:
-        ref, fl = qlora.get((r["seq"], r["density"])), floor.get(r["seq"])
-        density = "-" if r["method"] == "none" else f"{r['density']:.3%}"
-        lines.append(
-            f"| {r['seq']} | {density} | {r['method']} | {r['trainable']:,} | {r['time_s']:.3f} | "
-            f"{speed._ratio(r, ref, 'time_s')} | {speed._ratio(r, fl, 'time_s')} | {r['peak_mib']:.0f} | "
-            f"{speed._ratio(r, ref, 'peak_mib')} |"
-        )
-    lines += [f"\nFailed: {f}" for f in failed]
-    return lines
+    return lines + speed.table_rows(order, failed)
 
 
 if __name__ == "__main__":
