@@ -129,7 +129,7 @@ def runs(args, size: dict) -> dict[str, dict[str, dict]]:
                 base / "matched",
                 args.model,
                 regions={"p": args.matched_p},
-                baselines=MATCHED,
+                baselines=args.matched_baselines,
                 **main,
             )
         if "dense" in args.parts:
@@ -353,6 +353,7 @@ def main() -> None:
         "section `<size>-eval<N>` of the results",
     )
     p.add_argument("--forgetting-p", type=float, help="core size p of the forgetting part (default: the recipe's)")
+    p.add_argument("--matched-baselines", nargs="+", default=MATCHED, metavar="ID", help="baselines of `matched`")
     p.add_argument("--matched-p", type=lambda v: v if v == "auto" else float(v), default=0.05, help="p of `matched`")
     args = p.parse_args()
     args.seeds = args.seeds or ([0, 1, 2] if args.size == "full" else [0])
