@@ -194,9 +194,15 @@ def test_budgets_in_epochs_and_baselines_match_cpi_ft_steps(recipe_file):
     assert recipe.probe.budget(upper, run.global_batch) == -(-upper // 4)
     assert run.stage_steps(["upper"]) == -(-2 * round(0.5 * upper) // 4)
     cpi = [StageJob(["upper"], 7), StageJob(["count"], 4)]
-    for baseline in ["multitask", "multistage_random"]:
-        (jobs,) = baseline_jobs(recipe, baseline, ["upper", "count"], cpi).values()
-        assert sum(j.steps for j in jobs) == 11 and len(jobs) == 2
+    total = sum(job.steps for job in cpi)
+    for baseline in ["multitask", "multistage_random", "multitask_all_weights_matched"]:
+        (jobs,) = baseline_jobs(recipe, baseline, ["upper", "count"], len(cpi), total).values()
+        assert [j.steps for j in jobs] == [6, 5]  # the total spread evenly over as many stages as CPI-FT's
+    single = baseline_jobs(recipe, "single_task_matched", ["upper", "count"], len(cpi), 30)
+    assert {m: [j.steps for j in jobs] for m, jobs in single.items()} == {
+        "single_task_matched:upper": [30],
+        "single_task_matched:count": [30],
+    }
     with pytest.raises(ValueError, match="steps or epochs"):
         load_recipe(recipe_file, ["stages={steps: 3, epochs: 1}"])
 
