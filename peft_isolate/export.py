@@ -265,26 +265,46 @@ def _merge_records(delta: SparseDelta, records: Any, force: bool, what: str) -> 
 
 
 _GAP_DTYPES = (torch.uint8, torch.uint16)
+_INDEX_PARTS = ("indices", "gaps", "escaped", "mask")
 _BASE_FIELDS = ("base_fingerprint", "base_layout", "base_quantization", "base_content")
 
 
-def encode_gaps(indices: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Sorted flat indices as their gaps (the first from 0) in the smallest unsigned type that makes the file
-    smallest; a gap of that type's maximum or more is written as the maximum and its true value goes, in order,
-    into `escaped` (int32). `{}` when plain int32 indices are as small."""
-    gaps = torch.diff(indices.long(), prepend=torch.zeros(1, dtype=torch.long))
-    best, size = {}, 4 * gaps.numel()
+def encode_indices(indices: torch.Tensor, numel: int) -> dict[str, torch.Tensor]:
+    """Sorted flat indices into a weight of `numel` entries in the smallest of three encodings (docs/formats.md):
+    plain int32 `indices`; `gaps` (the first from 0) in uint8 or uint16, a gap of the type's maximum or more
+    written as that maximum with its true value, in order, in `escaped` (uint16 or int32, the narrowest that holds
+    them); or a bitmap `mask` of the weight (uint8, little-endian bits), smallest where a weight's cores are dense."""
+    indices = indices.long()
+    gaps = torch.diff(indices, prepend=torch.zeros(1, dtype=torch.long))
+    candidates = [{"indices": indices.to(torch.int32)}]
     for dtype in _GAP_DTYPES:
         top = torch.iinfo(dtype).max
-        big = gaps >= top
-        cost = gaps.numel() * dtype.itemsize + 4 * int(big.sum())
-        if cost < size:
-            best, size = {"gaps": gaps.clamp(max=top).to(dtype), "escaped": gaps[big].to(torch.int32)}, cost
-    return best
+        escaped = gaps[gaps >= top]
+        wide = escaped.numel() and int(escaped.max()) > torch.iinfo(torch.uint16).max
+        escaped = escaped.to(torch.int32 if wide else torch.uint16)
+        candidates.append({"gaps": gaps.clamp(max=top).to(dtype), "escaped": escaped})
+    bits = torch.zeros(-(-numel // 8) * 8, dtype=torch.uint8)
+    bits[indices] = 1
+    candidates.append({"mask": (bits.view(-1, 8) << torch.arange(8, dtype=torch.uint8)).sum(1, dtype=torch.uint8)})
+    return min(candidates, key=lambda parts: sum(t.numel() * t.element_size() for t in parts.values()))
 
 
-def decode_gaps(gaps: torch.Tensor, escaped: torch.Tensor) -> torch.Tensor:
-    """Inverse of `encode_gaps`: int64 flat indices."""
+def decode_indices(parts: Mapping[str, torch.Tensor], numel: int) -> torch.Tensor:
+    """Inverse of `encode_indices` (any of its encodings, and version 1's int32 indices): int64 flat indices.
+    Raises a ValueError naming what is inconsistent."""
+    if "indices" in parts:
+        return parts["indices"]
+    if "mask" in parts:
+        mask = parts["mask"]
+        if mask.dtype != torch.uint8 or mask.numel() != -(-numel // 8):
+            raise ValueError(f"its .mask must be {-(-numel // 8)} uint8 bytes, got {mask.numel()} {mask.dtype}")
+        bits = (mask.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1
+        if bits.view(-1)[numel:].any():
+            raise ValueError("its .mask sets bits past the end of the weight")
+        return bits.view(-1)[:numel].nonzero().squeeze(1)
+    gaps, escaped = parts.get("gaps"), parts.get("escaped", torch.zeros(0, dtype=torch.int32))
+    if gaps is None or gaps.dtype not in _GAP_DTYPES or escaped.is_floating_point():
+        raise ValueError("it lacks its .indices (or uint8/uint16 .gaps, or uint8 .mask)")
     wide = gaps.long()
     big = wide == torch.iinfo(gaps.dtype).max
     if int(big.sum()) != escaped.numel():
@@ -322,25 +342,18 @@ class SparseDelta:
             raise ValueError(
                 f"{path}: its header's `shapes` is missing or not {{name: [dims]}} ({e!r}); recreate the file"
             ) from e
-        parts = ("indices", "values", "gaps", "escaped")
-        stray = set(tensors) - {f"{n}.{part}" for n in shapes for part in parts}
+        stray = set(tensors) - {f"{n}.{part}" for n in shapes for part in (*_INDEX_PARTS, "values")}
         if stray:
             raise ValueError(f"{path}: tensor {sorted(stray)[0]} is not listed in the header's shapes; recreate it")
         entries = {}
-        for name in shapes:
-            val, idx = tensors.get(f"{name}.values"), tensors.get(f"{name}.indices")
-            gaps, escaped = (
-                tensors.get(f"{name}.gaps"),
-                tensors.get(f"{name}.escaped", torch.zeros(0, dtype=torch.int32)),
-            )
-            if idx is None and gaps is not None and gaps.dtype in _GAP_DTYPES and not escaped.is_floating_point():
-                try:
-                    idx = decode_gaps(gaps, escaped)
-                except ValueError as e:
-                    raise ValueError(f"{path}: {name}: {e}; recreate the file") from None
-            if idx is None or val is None:
-                raise ValueError(f"{path}: {name} lacks its .indices (or uint8/uint16 .gaps) or .values; recreate it")
-            entries[name] = (idx, val)
+        for name, shape in shapes.items():
+            parts = {part: tensors[f"{name}.{part}"] for part in _INDEX_PARTS if f"{name}.{part}" in tensors}
+            if f"{name}.values" not in tensors:
+                raise ValueError(f"{path}: {name} lacks its .values; recreate the file")
+            try:
+                entries[name] = (decode_indices(parts, math.prod(shape)), tensors[f"{name}.values"])
+            except ValueError as e:
+                raise ValueError(f"{path}: {name}: {e}; recreate the file") from None
         base = {k: meta[k] for k in _BASE_FIELDS if k in meta}
         delta = cls(entries, shapes, base, str(path))
         delta.check()
@@ -364,14 +377,14 @@ class SparseDelta:
             self.entries[name] = (idx.long(), val.float())
 
     def save(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32, compact: bool = False) -> Path:
-        """Check the delta, then write it atomically as a version-2 file, values in `dtype`; `compact` writes the
-        indices as gaps in the smallest integer type (see `encode_gaps`) where that is smaller."""
+        """Check the delta, then write it atomically as a version-2 file, values in `dtype`; `compact` writes each
+        weight's indices in the smallest encoding (see `encode_indices`), else as int32."""
         if not dtype.is_floating_point:
             raise ValueError(f"values dtype must be a float type (float32, bfloat16, float16), got {dtype}")
         self.check()
         tensors = {}
         for name, (idx, val) in self.entries.items():
-            parts = (encode_gaps(idx) if compact else {}) or {"indices": idx.to(torch.int32)}
+            parts = encode_indices(idx, math.prod(self.shapes[name])) if compact else {"indices": idx.to(torch.int32)}
             tensors |= {f"{name}.{part}": t for part, t in parts.items() if t.numel() or part != "escaped"}
             tensors[f"{name}.values"] = val.to(dtype)
         meta = {"format": FORMAT, "version": VERSION, "shapes": json.dumps(self.shapes), **self.base}

@@ -4,6 +4,7 @@ traceback or no limit. Each test failed before its fix."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,8 @@ from peft_isolate.export import (
     base_samples,
     compose_deltas,
     content_distance,
-    decode_gaps,
-    encode_gaps,
+    decode_indices,
+    encode_indices,
     export_delta,
     merge_checkpoint,
 )
@@ -169,10 +170,60 @@ def test_compact_indices_round_trip_exactly_and_are_smaller(saved, tmp_path):
         assert torch.equal(back.entries[name][0], idx)
         assert torch.equal(back.entries[name][1], val.bfloat16().float())
     assert (tmp_path / "c.safetensors").stat().st_size < 0.6 * (saved / "a.safetensors").stat().st_size
-    gaps = torch.tensor([0, 3, 300, 301, 70_000, 2**31 - 2])  # first at 0, gaps past uint8 and uint16
-    encoded = encode_gaps(gaps)
-    assert encoded["gaps"].dtype == torch.uint8 and encoded["escaped"].tolist() == [297, 69_699, 2**31 - 70_002]
-    assert torch.equal(decode_gaps(encoded["gaps"], encoded["escaped"]), gaps)
+
+
+@pytest.mark.parametrize(
+    ("indices", "numel", "parts"),
+    [
+        # a gap past uint16 widens the escapes to int32; uint8 gaps with 3 escapes (18 bytes) beat int32 (24)
+        ([0, 3, 300, 301, 70_000, 2**31 - 2], 2**31 - 1, {"gaps": torch.uint8, "escaped": torch.int32}),
+        ([0, 3, 300, 301, 700, 60_000], 10**6, {"gaps": torch.uint8, "escaped": torch.uint16}),  # escapes fit 16 bits
+        (list(range(0, 4000, 2)), 4000, {"mask": torch.uint8}),  # half the entries: 500 mask bytes beat 2000 gaps
+        ([9_000_000], 10**7, {"indices": torch.int32}),  # one far index: 4 bytes, a gap and its escape cost 5
+        ([], 64, {"indices": torch.int32}),  # nothing: zero bytes, the first of the smallest
+        ([0, 7, 8, 15], 16, {"mask": torch.uint8}),  # the mask's first and last bits: 2 bytes beat 4 gaps
+    ],
+)
+def test_each_index_encoding_round_trips_exactly_and_is_the_smallest(indices, numel, parts):
+    idx = torch.tensor(indices, dtype=torch.long)
+    encoded = encode_indices(idx, numel)
+    assert {k: v.dtype for k, v in encoded.items()} == parts
+    assert torch.equal(decode_indices(encoded, numel), idx)
+    size = sum(t.numel() * t.element_size() for t in encoded.values())
+    assert size <= min(4 * len(indices), -(-numel // 8))
+
+
+def test_a_mask_with_bits_past_the_weight_is_refused():
+    mask = encode_indices(torch.tensor([0, 7, 8, 9]), 10)["mask"]
+    assert mask.tolist() == [0b1000_0001, 0b11]
+    with pytest.raises(ValueError, match="bits past the end"):
+        decode_indices({"mask": mask | 0b100}, 10)
+
+
+def test_the_documented_numpy_snippet_reads_every_encoding(saved, tmp_path):
+    """docs/formats.md's reader, with numpy only, gives the indices peft-isolate reads."""
+    import numpy as np
+    from safetensors.numpy import load_file as load_numpy
+
+    delta = SparseDelta.load(saved / "a.safetensors")
+    name = next(iter(delta.entries))
+    numel = math.prod(delta.shapes[name])
+    cases = {"mask": torch.arange(0, numel, 3), "gaps": torch.tensor([1, 400, numel - 1])}
+    for case, idx in cases.items():
+        one = SparseDelta({name: (idx, torch.ones(len(idx)))}, delta.shapes, {})
+        one.save(tmp_path / "c.safetensors", compact=True)
+        f = load_numpy(str(tmp_path / "c.safetensors"))
+        assert f"{name}.{case}" in f
+        if name + ".indices" in f:
+            got = f[name + ".indices"].astype(np.int64)
+        elif name + ".mask" in f:
+            got = np.flatnonzero(np.unpackbits(f[name + ".mask"], bitorder="little")[:numel])
+        else:
+            gaps = f[name + ".gaps"].astype(np.int64)
+            big = gaps == np.iinfo(f[name + ".gaps"].dtype).max
+            gaps[big] = f.get(name + ".escaped", np.zeros(0, np.int64))
+            got = np.cumsum(gaps)
+        assert got.tolist() == idx.tolist()
 
 
 def test_compose_of_a_delta_with_a_base_and_one_without_is_refused(saved, tmp_path):

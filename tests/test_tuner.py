@@ -18,6 +18,9 @@ from peft_isolate.tuner._peft_type import ensure_peft_type
 from peft_isolate.tuner.layer import IsolationLayer, dequantized_weight
 
 KINDS = ["fp32", "nf4", "int8"]
+# supports of single entries, and of whole units (the structured fast path: tests/test_fast_path.py)
+GRANULARITIES = {"element": {}, "row": {"granularity": "row"}, "column": {"granularity": "column"}}
+GRANULARITIES["block16"] = {"granularity": "block", "block": 16}
 TOKENS = torch.randint(3, 200, (2, 11), generator=torch.Generator().manual_seed(0))
 
 
@@ -76,10 +79,12 @@ def test_only_sparse_values_train(load_tiny, kind):
     assert layer.isolation_indices["default"].dtype == torch.int32
 
 
-def _stage_model(load_tiny, kind):
-    """An adapter with trained values, then a third of each support locked and a third held."""
+def _stage_model(load_tiny, kind, granularity="element"):
+    """An adapter with trained values, then a third of each support locked and a third held (holes in each unit of
+    a structured support)."""
     model = load_tiny(kind)
-    peft_model = get_peft_model(model, IsolationConfig(target_modules="all-linear", density=0.1, init_weights=False))
+    config = IsolationConfig(target_modules="all-linear", density=0.1, init_weights=False, **GRANULARITIES[granularity])
+    peft_model = get_peft_model(model, config)
     lock, keep = {}, {}
     for name, layer in layers(peft_model.base_model.model).items():
         idx = layer.isolation_indices["default"]
@@ -103,8 +108,9 @@ def _locked_effective_weights(peft_model):
 
 
 @pytest.mark.parametrize("kind", ["fp32", "nf4"])
-def test_frozen_values_bit_identical_after_adamw_with_weight_decay(load_tiny, kind):
-    peft_model = _stage_model(load_tiny, kind)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_frozen_values_bit_identical_after_adamw_with_weight_decay(load_tiny, kind, granularity):
+    peft_model = _stage_model(load_tiny, kind, granularity)
     before = {
         n: (layer.isolation_frozen_values["default"].clone(), layer.isolation_values["default"].detach().clone())
         for n, layer in layers(peft_model).items()
@@ -156,9 +162,11 @@ def _dense_reference_grads(layer, x, grad_out):
 
 
 @pytest.mark.parametrize("kind", ["fp32", "nf4"])
-def test_value_gradient_is_dense_weight_gradient_at_indices(load_tiny, kind):
-    peft_model = _stage_model(load_tiny, kind)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_value_gradient_is_dense_weight_gradient_at_indices(load_tiny, kind, granularity):
+    peft_model = _stage_model(load_tiny, kind, granularity)
     layer = peft_model.base_model.model.model.layers[0].mlp.down_proj
+    assert (layer.delta_pattern("default").cover is None) == (granularity == "element")
     x = torch.randn(3, 5, layer.in_features)
     grad_out = torch.randn(3, 5, layer.out_features)
     y = layer(x)
@@ -194,10 +202,11 @@ def test_merged_forward_equals_unmerged(load_tiny, kind):
 
 
 @pytest.mark.parametrize("kind", ["fp32", "nf4"])
-def test_training_product_equals_inference_product(load_tiny, kind):
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_training_product_equals_inference_product(load_tiny, kind, granularity):
     """Training steps take the merged product (base and delta in one dense product), inference the base layer plus
     the CSR product: the same function, bit for bit against the merged model on a full-precision base."""
-    peft_model = _stage_model(load_tiny, kind)
+    peft_model = _stage_model(load_tiny, kind, granularity)
     layer = peft_model.base_model.model.model.layers[0].mlp.down_proj
     assert layer.isolation_frozen_indices["default"].numel() and layer.isolation_indices["default"].numel()
     x = torch.randn(3, 5, layer.in_features, requires_grad=True)
@@ -255,8 +264,9 @@ def test_disable_unload_and_multiple_adapters(load_tiny):
 
 
 @pytest.mark.parametrize("kind", ["fp32", "nf4"])
-def test_save_and_reload_bit_identical(load_tiny, tiny_dir, tmp_path, kind):
-    peft_model = _stage_model(load_tiny, kind)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_save_and_reload_bit_identical(load_tiny, tiny_dir, tmp_path, kind, granularity):
+    peft_model = _stage_model(load_tiny, kind, granularity)
     train_steps(peft_model, steps=2)
     expected = logits(peft_model)
     peft_model.save_pretrained(tmp_path)

@@ -14,6 +14,10 @@ Two forward products share it:
 - `sparse_delta_linear` (inference, other bases): `x @ Delta^T` as a CSR product added to the base layer's output,
   which keeps the base layer's own kernels (bitsandbytes' single-row and packed CPU kernels, int8 matmuls).
 
+A structured support (whole rows, columns or blocks, as structured core regions give, less any locked holes) takes
+a shorter way to the value gradient: the dense product over the units alone (`GradientCover`), whose cost follows
+the support's size, not the weight's; for columns and blocks backward keeps only the input columns it reads.
+
 The structures depend only on the index sets, so a layer builds them once (`DeltaPattern`) and every step reuses
 them: per trainable entry 4 bytes of CSR columns (and 4 per weight row); the joined and transposed structures of
 the CSR product (4 + 4 + 8 bytes per entry, 8 more while a frozen part exists) are built the first time that
@@ -28,7 +32,12 @@ from functools import cached_property
 
 import torch
 
+from ..regions import BLOCK_SIZES, unit_of
+
 _SPARSE_DTYPES = (torch.float32, torch.float64)
+# a cover is taken while its product holds at most this many entries per trainable one (units at least an eighth
+# full, holes included) and at most half the weight; past that the sampled or full product is as cheap
+_COVER_FILL = 8
 
 
 def _csr_structure(indices: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,6 +56,69 @@ def _csr(structure: tuple[torch.Tensor, torch.Tensor], values: torch.Tensor, sha
         return torch.sparse_csr_tensor(*structure, values, shape, check_invariants=False)
 
 
+class GradientCover:
+    """Units of one granularity (rows, columns or `block` x `block` blocks, edge blocks cut) that hold every
+    trainable entry, and where each entry sits in their dense weight-gradient product: `g[:, rows]^T @ x`,
+    `g^T @ x[:, cols]`, or one `g[:, block rows]^T @ x[:, block cols]` per block (a batched product). Entries of a
+    unit that are not trainable (locked or held holes) are computed and never read."""
+
+    def __init__(self, indices: torch.Tensor, shape: tuple[int, int], granularity: str, block: int | None = None):
+        out_features, in_features = shape
+        flat = indices.long()
+        rows, cols = flat // in_features, flat % in_features
+        unit = unit_of(flat, shape, granularity, block)
+        self.units, position = torch.unique(unit, return_inverse=True)
+        self.granularity, self.block, self.columns = granularity, block, None
+        if granularity == "row":
+            self.local = position * in_features + cols
+            self.size = self.units.numel() * in_features
+        elif granularity == "column":
+            self.local, self.columns = rows * self.units.numel() + position, self.units
+            self.size = self.units.numel() * out_features
+        else:
+            per_row, side = -(-in_features // block), torch.arange(block, device=flat.device)
+            self.unit_rows = ((self.units // per_row)[:, None] * block + side).clamp(max=out_features - 1).flatten()
+            unit_cols = ((self.units % per_row)[:, None] * block + side).clamp(max=in_features - 1).flatten()
+            self.columns, self.unit_cols = torch.unique(unit_cols, return_inverse=True)
+            self.local = (position * block + rows % block) * block + cols % block
+            self.size = self.units.numel() * block * block
+        if self.columns is not None and 2 * self.columns.numel() > in_features:  # keeping all of x is as cheap
+            self.unit_cols = self.columns[self.unit_cols] if granularity == "block" else None
+            self.columns = None
+        self.local = self.local.to(torch.int32)  # as many bytes as the CSR columns it replaces
+
+    def keep(self, x2d: torch.Tensor) -> torch.Tensor:
+        """What backward needs of the `[n, in]` input: the columns the product reads."""
+        return x2d if self.columns is None else x2d.index_select(1, self.columns)
+
+    def gradient(self, g2d: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """The weight gradient `g2d^T @ x` at the trainable entries, from what `keep` kept of `x`."""
+        kept = kept.to(g2d.dtype)
+        if self.granularity == "row":
+            product = g2d.index_select(1, self.units).T @ kept
+        elif self.granularity == "column":
+            product = g2d.T @ kept if self.columns is not None else g2d.T @ kept.index_select(1, self.units)
+        else:
+            n, units = g2d.shape[0], self.units.numel()
+            g = g2d.index_select(1, self.unit_rows).view(n, units, self.block).permute(1, 2, 0)
+            x = kept.index_select(1, self.unit_cols).view(n, units, self.block).transpose(0, 1)
+            product = torch.bmm(g, x)
+        return product.flatten()[self.local]
+
+
+def gradient_cover(indices: torch.Tensor, shape: tuple[int, int]) -> GradientCover | None:
+    """The cheapest cover of the trainable entries by rows, columns or blocks of a side in `BLOCK_SIZES`, or None
+    when none is small enough to beat the sampled product (`_COVER_FILL`): an unstructured support touches
+    nearly every row, column and block."""
+    if not indices.numel():
+        return None
+    covers = [GradientCover(indices, shape, g) for g in ("row", "column")]
+    covers += [GradientCover(indices, shape, "block", b) for b in reversed(BLOCK_SIZES) if b < max(shape)]
+    best = min(covers, key=lambda cover: cover.size)  # the first of equal size: fewer, larger products
+    fits = best.size <= _COVER_FILL * indices.numel() and 2 * best.size <= shape[0] * shape[1]
+    return best if fits else None
+
+
 class DeltaPattern:
     """The sparsity structure of one delta (a trainable and a frozen part on disjoint sorted index sets), which
     stays fixed while the index sets do: built once per change, reused by every step.
@@ -57,7 +129,8 @@ class DeltaPattern:
 
     def __init__(self, indices: torch.Tensor, frozen_indices: torch.Tensor, shape: tuple[int, int]) -> None:
         self.indices, self.frozen_indices, self.shape = indices, frozen_indices, shape
-        self.trainable = _csr_structure(indices, shape)
+        self.cover = gradient_cover(indices, shape)
+        self.trainable = None if self.cover else _csr_structure(indices, shape)
 
     @property
     def empty(self) -> bool:
@@ -74,7 +147,7 @@ class DeltaPattern:
     def _joined(self) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
         """CSR structure of trainable + frozen, and joined position -> position in cat(values, frozen values)."""
         if not self.frozen_indices.numel():
-            return self.trainable, None
+            return self.trainable or _csr_structure(self.indices, self.shape), None
         joined, order = torch.sort(torch.cat([self.indices, self.frozen_indices]))
         return _csr_structure(joined, self.shape), order
 
@@ -103,8 +176,19 @@ class DeltaPattern:
         structure, order = self._transposed
         return _csr(structure, joined_values[order], self.shape[::-1])
 
-    def value_gradient(self, g2d: torch.Tensor, x2d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """`(g2d^T @ x2d)` at the trainable entries, in `dtype`: sampled (SDDMM) on CPU, gathered on CUDA."""
+    def keep_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What backward keeps of the input `x` for the value gradient: `x` itself (often kept anyway by the base
+        layer), or for a column or block cover only the columns its product reads."""
+        if self.cover is None or self.cover.columns is None:
+            return x
+        return self.cover.keep(x.reshape(-1, self.shape[1]))
+
+    def value_gradient(self, g2d: torch.Tensor, kept: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`(g2d^T @ x)` at the trainable entries, in `dtype`, from `keep_input(x)`: over a structured support's
+        units (`GradientCover`), else sampled (SDDMM) on CPU and gathered from the full product on CUDA."""
+        if self.cover is not None:
+            return self.cover.gradient(g2d, kept.reshape(g2d.shape[0], -1)).to(dtype)
+        x2d = kept.reshape(g2d.shape[0], -1)
         if g2d.is_cuda:
             return (g2d.T @ x2d.to(g2d.dtype)).flatten()[self.indices.long()].to(dtype)
         compute = g2d.dtype if g2d.dtype in _SPARSE_DTYPES else torch.float32
@@ -124,12 +208,12 @@ class _SparseDeltaLinear(torch.autograd.Function):
         joined_values = pattern.joined_values(values, frozen_values, compute_dtype)
         y = torch.sparse.mm(pattern.joined_csr(joined_values), x2d.to(compute_dtype).T).T
         ctx.pattern, ctx.compute_dtype, ctx.values_dtype = pattern, compute_dtype, values.dtype
-        ctx.save_for_backward(x2d if ctx.needs_input_grad[1] else None, joined_values)
+        ctx.save_for_backward(pattern.keep_input(x2d) if ctx.needs_input_grad[1] else None, joined_values)
         return y.reshape(*x.shape[:-1], out_features).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2d, joined_values = ctx.saved_tensors
+        kept, joined_values = ctx.saved_tensors
         pattern = ctx.pattern
         g2d = grad_out.reshape(-1, pattern.shape[0]).to(ctx.compute_dtype)
         grad_x = grad_values = None
@@ -138,7 +222,7 @@ class _SparseDeltaLinear(torch.autograd.Function):
                 grad_x = torch.sparse.mm(pattern.transposed_csr(joined_values), g2d.T).T
                 grad_x = grad_x.reshape(*grad_out.shape[:-1], pattern.shape[1]).to(grad_out.dtype)
             if ctx.needs_input_grad[1]:
-                grad_values = pattern.value_gradient(g2d, x2d, ctx.values_dtype)
+                grad_values = pattern.value_gradient(g2d, kept, ctx.values_dtype)
         return grad_x, grad_values, None, None
 
 
@@ -164,21 +248,21 @@ class _MergedDeltaLinear(torch.autograd.Function):
         weight = pattern.add_to(base_weight(), values, frozen_values)
         y = torch.nn.functional.linear(x, weight, bias)
         ctx.pattern, ctx.base_weight, ctx.product_dtype = pattern, base_weight, y.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x, values, frozen_values)
+        ctx.bias_dtype, ctx.x_shape, ctx.x_dtype = None if bias is None else bias.dtype, x.shape, x.dtype
+        ctx.save_for_backward(pattern.keep_input(x) if ctx.needs_input_grad[1] else None, values, frozen_values)
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, values, frozen_values = ctx.saved_tensors
+        kept, values, frozen_values = ctx.saved_tensors
         pattern, dtype = ctx.pattern, ctx.product_dtype
         g2d = grad_out.reshape(-1, pattern.shape[0]).to(dtype)
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
             weight = pattern.add_to(ctx.base_weight(), values, frozen_values).to(dtype)
-            grad_x = (g2d @ weight).reshape(x.shape).to(x.dtype)
+            grad_x = (g2d @ weight).reshape(ctx.x_shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            grad_values = pattern.value_gradient(g2d, x.reshape(-1, pattern.shape[1]), values.dtype)
+            grad_values = pattern.value_gradient(g2d, kept, values.dtype)
         if ctx.needs_input_grad[3]:
             grad_bias = g2d.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_values, None, grad_bias, None, None
@@ -194,7 +278,8 @@ def merged_delta_linear(
 ) -> torch.Tensor:
     """`x @ (W + Delta)^T + bias`, where `base_weight()` returns a new dense copy of the frozen base weight W (in
     the product's dtype) each call: one for forward, one for backward. Gradients flow to `x`, the trainable
-    `values` and `bias`; keeps `x` and the values, as a LoRA layer keeps its input."""
+    `values` and `bias`; keeps `x` (for a column or block support only the columns it needs) and the values, as a
+    LoRA layer keeps its input."""
     return _MergedDeltaLinear.apply(x, values, frozen_values, bias, pattern, base_weight)
 
 
