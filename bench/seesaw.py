@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from peft_isolate._io import save_json, write_atomic
@@ -76,6 +77,10 @@ ABLATIONS = {
     # every stage also locks the later groups' cores (dense mode only: adapter mode rejects it); varies `dense`,
     # so without the hand-given groups `main` adds for its multistage_given baseline
     "dense_freeze_all": {**DENSE, "plan": {"freeze": "all", "groups": None}},
+    # structured cores (whole rows, columns, 64-blocks) at the p that serves element cores best so far, 5%;
+    # `p_0.05` is the element reference beside them
+    **{f"{g}_p0.05": {"regions": {"p": 0.05, "granularity": g}} for g in ("row", "column")},
+    "block64_p0.05": {"regions": {"p": 0.05, "granularity": "block", "block": 64}},
 }
 
 
@@ -226,14 +231,15 @@ def report(name: str, entry: dict) -> tuple[list[str], dict]:
             {**r, "methods": {"cpi_ft_dense": r["methods"]["cpi_ft"]}} for r in out.get("dense", [])
         ]
         section, aggregate["methods"] = methods_section("### Methods", seeds)
-        lines += section
+        lines += section + margins_section(out.get("main", []) or seeds)
         majority = seeds[0]["majority"]
         plot_scores({"methods": aggregate["methods"], "majority": majority}, RESULTS / f"seesaw_{name}.png")
     if "matched" in out:
         title = "### Compute-matched baselines (`_matched`: CPI-FT's probes + stages; the others: its stages)"
         section, methods = methods_section(title, out["matched"])
         steps = out["matched"][0].get("meta", {}).get("optimizer steps", {})
-        lines += ["", *section, "", f"Optimizer steps (seed {seeds_of['matched'][0]}): " + json.dumps(steps)]
+        lines += ["", *section, *margins_section(out["matched"])]
+        lines += ["", f"Optimizer steps (seed {seeds_of['matched'][0]}): " + json.dumps(steps)]
         lines += goals({"methods": methods})
     forgetting = {k.split("/", 1)[1]: v for k, v in out.items() if k.startswith("forgetting/")}
     if forgetting:
@@ -263,7 +269,31 @@ def report(name: str, entry: dict) -> tuple[list[str], dict]:
         lines += ["", "### Ablations (CPI-FT average)", "", "| change | avg |", "|---|---|"]
         for change, seeds in ablations.items():
             lines.append(f"| cpi_ft:{change} | {_mean_std([r['methods']['cpi_ft']['avg'] for r in seeds])} |")
+        lines += overlap_section(name.split("-")[0], {k: seeds_of[f"ablation/{k}"] for k in ablations})
     return lines + goals(aggregate), aggregate
+
+
+def overlap_section(size: str, seeds_of: dict[str, list[str]]) -> list[str]:
+    """Per p / granularity ablation, how its cores overlap (mean pairwise Jaccard against its chance level, read
+    from each run's plan.json) and how many stages the plan made: structure may link tasks more often."""
+    rows = []
+    for change, seeds in seeds_of.items():
+        plans = [WORK / size / f"seed{k}" / f"ablation-{change}" / "plan.json" for k in seeds]
+        plans = [json.loads(p.read_text()) for p in plans if p.is_file()]
+        if not plans or not (change.startswith("p_") or "_p0" in change):
+            continue
+        pairs = [
+            (p["jaccard"][i][j], p["chance"][i][j], len(p["stages"]))
+            for p in plans
+            for i, j in itertools.combinations(range(len(p["tasks"])), 2)
+        ]
+        jaccard, chance = statistics.mean(j for j, _, _ in pairs), statistics.mean(c for _, c, _ in pairs)
+        stages = sorted({n for _, _, n in pairs})
+        rows.append(f"| {change} | {jaccard:.3f} | {chance:.3f} | {', '.join(map(str, stages))} |")
+    if not rows:
+        return []
+    head = ["", "Core overlap (mean pairwise Jaccard over seeds) and stages:", ""]
+    return head + ["| change | Jaccard | chance | stages |", "|---|---|---|---|", *rows]
 
 
 def methods_section(title: str, seeds: list[dict]) -> tuple[list[str], dict]:
@@ -282,6 +312,51 @@ def methods_section(title: str, seeds: list[dict]) -> tuple[list[str], dict]:
         for m, row in table.items()
     }
     return lines, means
+
+
+def bootstrap_margin(pairs: list[tuple[dict, dict]], reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """CPI-FT's margin over a baseline (mean over tasks of the score difference, then over seeds) and its 95%
+    bootstrap interval: each replicate draws the seeds with replacement and, within each, the eval items per task
+    with replacement, paired (both methods on the same items). `pairs` holds, per seed, the two methods' per-item
+    scores {task: [score per item]}."""
+    rng = np.random.default_rng(seed)
+    diffs = [{t: np.asarray(a[t]) - np.asarray(b[t]) for t in a} for a, b in pairs]
+    margin = float(np.mean([np.mean([d.mean() for d in seed_diffs.values()]) for seed_diffs in diffs]))
+    replicates = np.empty(reps)
+    for r in range(reps):
+        chosen = rng.integers(0, len(diffs), len(diffs))
+        per_seed = [np.mean([d[rng.integers(0, d.size, d.size)].mean() for d in diffs[k].values()]) for k in chosen]
+        replicates[r] = np.mean(per_seed)
+    low, high = np.percentile(replicates, [2.5, 97.5])
+    return margin, float(low), float(high)
+
+
+def margins_section(seeds: list[dict], method: str = "cpi_ft") -> list[str]:
+    """A table of `method`'s margin over each other method scored on the same items in every seed: mean, per
+    seed, 95% bootstrap interval over seeds and items, and whether the interval leaves out zero."""
+    if not seeds[0]["methods"].get(method, {}).get("items"):
+        return []
+    lines = [
+        "",
+        f"Margins of {method} over each baseline, in points (95% bootstrap interval over seeds and eval items, "
+        "paired):",
+        "",
+        "| baseline | margin | per seed | 95% interval | interval excludes 0 |",
+        "|---|---|---|---|---|",
+    ]
+    for other in seeds[0]["methods"]:
+        if other == method or "@" in other or other == "base":
+            continue
+        pairs = [(r["methods"][method].get("items"), r["methods"].get(other, {}).get("items")) for r in seeds]
+        if not all(a and b and set(a) == set(b) for a, b in pairs):
+            continue  # single-task rows, or a seed scored before per-item scores were kept
+        margin, low, high = bootstrap_margin(pairs)
+        per_seed = ", ".join(f"{100 * (r['methods'][method]['avg'] - r['methods'][other]['avg']):+.1f}" for r in seeds)
+        verdict = "yes, CPI-FT ahead" if low > 0 else "yes, CPI-FT behind" if high < 0 else "no"
+        lines.append(
+            f"| {other} | {100 * margin:+.1f} | {per_seed} | [{100 * low:+.1f}, {100 * high:+.1f}] | {verdict} |"
+        )
+    return lines
 
 
 def goals(aggregate: dict) -> list[str]:

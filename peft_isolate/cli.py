@@ -283,7 +283,7 @@ def _print_report(report: dict) -> None:
     choices=["float32", "bfloat16", "float16"],
     help="dtype of the values (default float32; bfloat16 with --compact)",
 )
-@arg("--compact", action="store_true", help="indices as gaps in the smallest integer type (about half the file)")
+@arg("--compact", action="store_true", help="each weight's indices as gaps or a bitmap, whichever is smaller")
 @arg("--base", help="base model (directory, .gguf or alias) for shapes and fingerprint (default: the adapter's)")
 @arg("--quantization", choices=QUANTIZATIONS, default="none", help="fingerprint the base loaded so")
 def export(args: argparse.Namespace) -> None:

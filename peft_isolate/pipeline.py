@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import random
 import shutil
 import warnings
@@ -622,8 +623,8 @@ def run_evaluations(run: Run, methods: dict[str, tuple[Path | None, str]], meta:
             scores = evaluate(model, tokenizer, tasks, r.eval.max_new_tokens, r.eval.batch_size)
             save_json(method_entry(scores), path)
 
-        run.step(f"eval:{method}", _hash(key, run.inputs("eval")), path, work)
-        entry = results["methods"].setdefault(kind, {"tasks": {}, "exact": {}})
+        run.step(f"eval:{method}", _hash(key, run.inputs("eval"), "items"), path, work)  # files with item scores
+        entry = results["methods"].setdefault(kind, {"tasks": {}, "exact": {}, "items": {}})
         for field, values in load_json(path).items():
             if field != "avg":
                 entry[field].update(values)
@@ -646,13 +647,17 @@ def run_pipeline(recipe: Recipe, until: str = "evaluate") -> dict | None:
     returns the results written to results.json when it gets that far."""
     if until not in STEPS:
         raise ValueError(f"unknown step {until!r}; the steps are {', '.join(STEPS)}")
+    # offline: every save of an adapter would otherwise ask the Hub whether its base (often an alias) is a repo
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(recipe.output_dir)
-    if processes().is_main_process:  # under torchrun the main process alone holds the run directory
-        with rundir.claim(out):
-            processes().wait_for_everyone()
-            return _run_steps(recipe, until)
-    processes().wait_for_everyone()
-    return _run_steps(recipe, until)
+    with warnings.catch_warnings():  # ... and then warn that it could not: no adapter here changes the vocabulary
+        warnings.filterwarnings("ignore", message="Could not find a config file in .* vocabulary was not modified")
+        if processes().is_main_process:  # under torchrun the main process alone holds the run directory
+            with rundir.claim(out):
+                processes().wait_for_everyone()
+                return _run_steps(recipe, until)
+        processes().wait_for_everyone()
+        return _run_steps(recipe, until)
 
 
 def _run_steps(recipe: Recipe, until: str) -> dict | None:

@@ -6,11 +6,13 @@ import json
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 from peft import get_peft_model
+from runs import with_changes
 
-from peft_isolate import IsolationConfig, models
+from peft_isolate import IsolationConfig, models, pipeline
 from peft_isolate.card import BEGIN, END, entry_counts, write_card
 from peft_isolate.models import load_model
 from peft_isolate.pipeline import run_pipeline
@@ -35,7 +37,7 @@ def test_pipeline_cards_say_counts_tasks_stage_recipe_and_scores(recipe_file):
 
 
 def test_an_alias_is_recorded_as_named_and_the_card_says_where_it_comes_from(tiny_dir, tmp_path, monkeypatch):
-    monkeypatch.setitem(models.ALIASES, "tiny-alias", ("tiny_pkg", "tiny.gguf", "tiny-pkg==1.0"))
+    monkeypatch.setitem(models.ALIASES, "tiny-alias", models.BuiltInModel("tiny_pkg", "tiny.gguf", "tiny-pkg==1.0"))
     resolve = models.resolve_model
     monkeypatch.setattr(models, "resolve_model", lambda name: tiny_dir if name == "tiny-alias" else resolve(name))
     model, _ = load_model("tiny-alias")
@@ -49,6 +51,25 @@ def test_an_alias_is_recorded_as_named_and_the_card_says_where_it_comes_from(tin
     assert (tmp_path / "a" / "README.md").read_text().count(BEGIN) == 1
 
 
+def test_a_run_on_an_alias_asks_no_hub_about_it(recipe_file, tiny_dir, tmp_path, monkeypatch):
+    """peft looks a base that is not a local folder up on the Hub at every adapter save; the pipeline is offline."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setitem(models.ALIASES, "tiny-alias", models.BuiltInModel("tiny_pkg", "tiny.gguf", "tiny-pkg==1.0"))
+    resolve = models.resolve_model
+    monkeypatch.setattr(models, "resolve_model", lambda name: tiny_dir if name == "tiny-alias" else resolve(name))
+    monkeypatch.setattr(pipeline, "resolve_model", models.resolve_model)
+    recipe = load_recipe(with_changes(recipe_file, tmp_path / "run", model="tiny-alias"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_pipeline(recipe, until="train-stage")
+    lookups = [str(w.message) for w in caught if "remote file" in str(w.message) or "config file in" in str(w.message)]
+    assert (
+        lookups == []
+        and json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())["base_model_name_or_path"]
+        == "tiny-alias"
+    )
+
+
 TUNER_ONLY = textwrap.dedent(
     """
     import sys
@@ -57,6 +78,7 @@ TUNER_ONLY = textwrap.dedent(
         sys.modules[name] = None
     import torch
     from peft import get_peft_model
+from runs import with_changes
     from transformers import AutoModelForCausalLM
     import peft_isolate
     from peft_isolate.export import compose_deltas, export_delta, merge_checkpoint

@@ -88,6 +88,7 @@ def test_tables_hold_the_expected_rows(dry_run):
     assert {(r[2], r[1]) for r in speed} >= {
         (m, d) for m in ("qlora", "shira", "isolation") for d in ("0.100%", "1.000%", "5.000%")
     }
+    assert {(r[2], r[1]) for r in speed} >= {(f"isolation_{g}", "5.000%") for g in ("row", "column", "block16")}
     assert [r[2] for r in speed].count("none") == 1  # the floor, once per sequence length (one in the dry run)
     assert "Failed" not in (out / "part3_speed.md").read_text()
 

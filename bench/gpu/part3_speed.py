@@ -1,5 +1,6 @@
 """Part 3: bench/speed.py's sweep on the GPU: TinyLlama-1.1B's shape in nf4, seq 256 and 1024, density
-0.1 / 1 / 5 %, the floor (none), QLoRA, SHiRA and the isolation adapter, 10 timed steps each.
+0.1 / 1 / 5 %, the floor (none), QLoRA, SHiRA and the isolation adapter on element, row, column and 64-block
+supports (the structured fast path), 10 timed steps each.
 
 Measured with speed.py's own functions (`load`, `adapt`, `run_one`: same model, batch 4, tokens, optimizer,
 warm-up, median step and peak-memory rules), but in one process on one loaded base (each adapter unloaded
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 from common import TINY_LLAMA, header, parser, peak_memory_reset, write
 
-METHODS = ("none", "qlora", "shira", "isolation")
+METHODS = ("none", "qlora", "shira", "isolation", "isolation_row", "isolation_column", "isolation_block64")
 
 
 def prebuild(shape: str) -> float:
@@ -57,9 +58,11 @@ def main() -> None:
     import speed  # bench/speed.py
 
     shape, steps, seqs = "1b", args.steps, args.seq
-    if args.dry_run:
+    methods = METHODS
+    if args.dry_run:  # a 64-wide model: whole units fit its weights' budgets at 5 % only, 64-blocks never
         speed.SHAPES["gpu-dry-tiny"] = TINY_LLAMA
         shape, steps, seqs = "gpu-dry-tiny", 1, [32]
+        methods = tuple(m.replace("block64", "block16") for m in METHODS)
     info = {"shape": shape, "steps": steps, "batch": args.batch, "build_s": prebuild(shape)}
     run = argparse.Namespace(shape=shape, quant="nf4", batch=args.batch, steps=steps, method="none", density=0.01)
     t0 = time.time()
@@ -72,9 +75,11 @@ def main() -> None:
     first = True
     for density in args.density:
         for seq in seqs:
-            for method in METHODS:
+            for method in methods:
                 if method == "none" and density != args.density[0]:
                     continue  # the floor has no density: once per length
+                if args.dry_run and method in speed.STRUCTURED and density < 0.05:
+                    continue
                 run.method, run.density, run.seq = method, density, seq
                 try:
                     if first:  # one-off allocations (CUDA context, cuBLAS workspace) before any measured row
@@ -119,10 +124,14 @@ def table(args, info: dict, rows: list[dict], failed: list[str], note: str) -> l
         f"r(in+out)/(in*out)). Peak memory: torch's peak allocated above the row's start (optimizer state "
         f"included; CPU: RSS). Build {info['build_s']:.0f} s (0: reused), load {info['load_s']:.0f} s. "
         "Same rows as `python bench/speed.py --shape 1b --quant nf4 --seq 256 1024 --density 0.001 0.01 0.05 "
-        "--steps 10 --methods none qlora shira isolation`, in one process. "
+        "--steps 10 --methods "
+        + " ".join(METHODS)
+        + "`, in one process. "
         + (f"Status: {note}." if note else "Status: done.")
     )
-    lines = header("Part 3: speed sweep (floor, QLoRA, SHiRA, isolation)", args, what)
+    lines = header(
+        "Part 3: speed sweep (floor, QLoRA, SHiRA, isolation on element and structured supports)", args, what
+    )
     lines += [
         "| seq | density | method | trainable | step (s) | x QLoRA | x floor | peak mem (MiB) | mem x QLoRA |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -129,6 +129,12 @@ class IsolationLayer(BaseTunerLayer):
             if sizes[unit] <= k:
                 chosen.append(unit)
                 k -= int(sizes[unit])
+        if not chosen and k:
+            warnings.warn(
+                f"density {config.density:g} gives some weights fewer entries than one {g} holds, so they train "
+                "nothing: raise density or take a finer granularity",
+                stacklevel=2,
+            )
         entries = unit_entries(torch.tensor(chosen, dtype=torch.int64), self.shape, g, b)
         return entries[~torch.isin(entries, locked.long())].to(torch.int32)
 

@@ -1,0 +1,217 @@
+"""Screen reasoning-gym generators for learnability at the seesaw's small size, then draw task sets nobody picked.
+
+    python bench/screen.py --sample 12             # screen the first 12 short-answer generators of the seed stream
+    python bench/screen.py --sample 18 --sets 3    # screen 6 more of the same stream, then draw 3 sets of 3
+
+1. Candidates: every reasoning-gym generator except the seesaw's own tasks, in the order of a shuffle seeded by
+   `--seed`. A generator is *short* when the longest of 50 sampled answers is at most `SHORT_TOKENS` tokens of the
+   model's tokenizer (the small size generates 16 new tokens: this leaves room for the end of turn and a stray
+   token). The first `--sample` short ones are screened; a larger `--sample` screens further down the same stream.
+2. Each: the small size's single-task LoRA probe (256 train items, 40 steps) through the pipeline, then the base
+   and the probe scored on `--items` screening items: task seed `SCREEN_SEED`, leaving out every question that
+   is among the benchmark's eval items (task seeds 100-103, which `seesaw.py` uses). A generator *passes* when
+   the probe scores at least 10 points above both the base and the majority answer.
+3. Sets: a seeded random draw (`--seed`, recorded) of `--sets` disjoint sets of three passing generators, each
+   spanning at least two answer formats (number, word, list). Nothing is swapped by hand after a result.
+
+Resumable: probes live under bench/_work/screen/<generator>/, scores in bench/results/screen.json.
+Writes bench/results/screen.md and screen.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+from seesaw import SIZES, TASKS, WORK, recipe
+
+from peft_isolate._io import load_json, save_json, write_atomic
+
+RESULTS = Path(__file__).parent / "results"
+SCREEN_SEED = 7  # the screening items' task seed; the benchmark's tasks use 100 + their position
+BENCH_SEEDS = range(100, 104)
+SHORT_TOKENS = 12
+LIFT = 0.10
+_NUMBER = re.compile(r"-?\d+(?:[./]\d+)?")
+
+
+def answer_format(answers: list[str]) -> str:
+    """`number` when every answer is one (integer, decimal or fraction), `list` when most hold a comma or a
+    bracket, else `word`."""
+    if all(_NUMBER.fullmatch(a.strip()) for a in answers):
+        return "number"
+    if sum(("," in a) or a.strip().startswith("[") for a in answers) > len(answers) / 2:
+        return "list"
+    return "word"
+
+
+def draw_sets(passing: dict[str, str], n_sets: int, size: int, seed: int) -> list[list[str]]:
+    """`n_sets` disjoint sets of `size` generators from `passing` ({name: format}), each spanning at least two
+    formats: seeded draws from the shuffled pool, a draw kept only if it spans two formats. Raises a ValueError
+    when the pool cannot give them (screen more)."""
+    rng = random.Random(seed)
+    pool = sorted(passing)
+    for _ in range(1000):
+        rng.shuffle(pool)
+        sets = [sorted(pool[i * size : (i + 1) * size]) for i in range(n_sets)]
+        if len(pool) >= n_sets * size and all(len({passing[t] for t in s}) >= 2 for s in sets):
+            return sets
+    raise ValueError(
+        f"{len(passing)} passing generators ({sorted(set(passing.values()))}) cannot give {n_sets} disjoint sets of "
+        f"{size} spanning two answer formats: screen more (a larger --sample)"
+    )
+
+
+def candidates(seed: int, tokenizer) -> list[tuple[str, str, int]]:
+    """(generator, answer format, longest answer in tokens) for every generator that is not the seesaw's, in the
+    seeded order; generators that fail to generate are left out."""
+    import reasoning_gym
+    from reasoning_gym.factory import DATASETS
+
+    names = sorted(set(DATASETS) - set(TASKS))
+    random.Random(seed).shuffle(names)
+    out = []
+    for name in names:
+        try:
+            data = reasoning_gym.create_dataset(name, size=50, seed=SCREEN_SEED)
+            answers = [str(data[i]["answer"]) for i in range(50)]
+        except Exception as e:  # a generator that needs a dependency or data this machine lacks
+            print(f"skip {name}: {type(e).__name__}: {e}", file=sys.stderr)
+            continue
+        longest = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+        out.append((name, answer_format(answers), longest))
+    return out
+
+
+def screening_task(name: str, items: int):
+    """The generator's screening items: task seed SCREEN_SEED, none of the benchmark's eval questions."""
+    from peft_isolate.data import TaskData, load_task
+
+    size = SIZES["small"]
+    task = load_task(f"reasoning_gym:{name}", train=size["train"], eval=3 * items, seed=SCREEN_SEED)
+    benchmark = set()  # the eval items follow the train items, so every size's train count gives other ones
+    for seed in BENCH_SEEDS:
+        for train in {s["train"] for s in SIZES.values()}:
+            benchmark |= {e.prompt for e in load_task(f"reasoning_gym:{name}", train=train, eval=200, seed=seed).eval}
+    kept = [e for e in task.eval if e.prompt not in benchmark][:items]
+    if len(kept) < items:
+        raise ValueError(f"{name}: only {len(kept)} screening items outside the benchmark's eval items")
+    return TaskData(name, task.train, kept, task.scorer)
+
+
+def screen_one(name: str, model_name: str, items: int) -> dict:
+    """Train the small size's probe of one generator and score base, majority answer and probe."""
+    from peft import PeftModel
+
+    from peft_isolate.evaluate import evaluate, majority_baseline
+    from peft_isolate.models import load_model
+    from peft_isolate.pipeline import run_pipeline
+
+    start = time.time()
+    size = SIZES["small"]
+    out = WORK.parent / "screen" / name
+    task_spec = {"source": f"reasoning_gym:{name}", "train": size["train"], "eval": 8, "seed": SCREEN_SEED}
+    config = recipe(size, [name], 0, out, model_name, tasks={name: task_spec})
+    run_pipeline(config, until="probe")
+    task = screening_task(name, items)
+    model, tokenizer = load_model(model_name)
+    settings = {"max_new_tokens": config.eval.max_new_tokens, "batch_size": config.eval.batch_size}
+    base = evaluate(model, tokenizer, [task], **settings)[name]["score"]
+    probe = PeftModel.from_pretrained(model, out / "probes" / name)
+    lifted = evaluate(probe, tokenizer, [task], **settings)[name]["score"]
+    majority = majority_baseline(task)
+    return {
+        "base": base,
+        "majority": majority,
+        "probe": lifted,
+        "passed": lifted >= max(base, majority) + LIFT,
+        "minutes": (time.time() - start) / 60,
+    }
+
+
+def write_report(saved: dict) -> str:
+    rows = saved["generators"]
+    lines = [
+        "# Screening reasoning-gym generators (the seesaw's small size)",
+        "",
+        f"Command: `{saved['command']}`; {saved['date']}; {saved['device']}; commit {saved['commit']}.",
+        f"Seed stream {saved['seed']}; short = longest of 50 answers at most {SHORT_TOKENS} tokens; "
+        f"{saved['items']} screening items per generator (task seed {SCREEN_SEED}, none of the benchmark's eval "
+        f"items); pass = the 40-step probe at least {100 * LIFT:.0f} points above the base and the majority answer.",
+        "",
+        "| # | generator | format | answer tokens | base | majority | probe | passed | minutes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, (name, r) in enumerate(rows.items()):
+        if "probe" not in r:
+            lines.append(f"| {i} | {name} | {r['format']} | {r['tokens']} | - | - | - | not short | - |")
+            continue
+        lines.append(
+            f"| {i} | {name} | {r['format']} | {r['tokens']} | {100 * r['base']:.1f} | {100 * r['majority']:.1f} "
+            f"| {100 * r['probe']:.1f} | {'yes' if r['passed'] else 'no'} | {r['minutes']:.1f} |"
+        )
+    if saved.get("sets"):
+        lines += ["", f"Task sets (seeded draw, seed {saved['seed']}):", ""]
+        lines += [f"- set {k}: {', '.join(s)}" for k, s in enumerate(saved["sets"])]
+    elif saved.get("sets_error"):
+        lines += ["", f"No task sets yet: {saved['sets_error']}"]
+    text = "\n".join(lines) + "\n"
+    write_atomic(RESULTS / "screen.md", lambda p: p.write_text(text))
+    return text
+
+
+def main() -> None:
+    import subprocess
+
+    from peft_isolate.models import load_model
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sample", type=int, default=12, help="screen the first N short generators of the stream")
+    p.add_argument("--sets", type=int, default=3, help="task sets of three to draw from those that pass")
+    p.add_argument("--items", type=int, default=200, help="screening items per generator")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generator stream and of the set draw")
+    p.add_argument("--model", default="smollm2-135m")
+    args = p.parse_args()
+    path = RESULTS / "screen.json"
+    saved = load_json(path) if path.exists() else {"generators": {}}
+    if saved.get("seed", args.seed) != args.seed or saved.get("items", args.items) != args.items:
+        raise SystemExit(f"{path} holds another seed or item count: move it away to screen afresh")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    saved |= {
+        "seed": args.seed,
+        "items": args.items,
+        "command": "python bench/screen.py " + " ".join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (2 cores)",
+        "commit": commit,
+    }
+    _, tokenizer = load_model(args.model)
+    short = 0
+    for name, fmt, tokens in candidates(args.seed, tokenizer):
+        if short == args.sample:
+            break
+        entry = saved["generators"].setdefault(name, {"format": fmt, "tokens": tokens})
+        if tokens > SHORT_TOKENS:
+            continue
+        short += 1
+        if "probe" not in entry:
+            print(f"== screening {name} ({short}/{args.sample})", flush=True)
+            entry |= screen_one(name, args.model, args.items)
+            save_json(saved, path)
+            write_report(saved)
+    passing = {n: r["format"] for n, r in saved["generators"].items() if r.get("passed")}
+    try:
+        saved["sets"], saved["sets_error"] = draw_sets(passing, args.sets, 3, args.seed), None
+    except ValueError as e:
+        saved["sets"], saved["sets_error"] = None, str(e)
+    save_json(saved, path)
+    print(write_report(saved))
+
+
+if __name__ == "__main__":
+    main()

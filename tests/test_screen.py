@@ -1,0 +1,54 @@
+"""bench/screen.py's rules: answer formats, the seeded draw of task sets, and screening items that are never the
+benchmark's eval items."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+from screen import BENCH_SEEDS, answer_format, draw_sets, screening_task  # noqa: E402
+from seesaw import SIZES  # noqa: E402
+
+from peft_isolate.data import load_task  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("answers", "expected"),
+    [
+        (["3", "-12", "1/2", "0.25"], "number"),
+        (["a, b", "[1, 2]", "x"], "list"),
+        (["olleh", "3"], "word"),  # one word is enough to make it words
+        (["a, b", "c", "d"], "word"),  # a comma in a minority of the answers
+    ],
+)
+def test_answer_formats(answers, expected):
+    assert answer_format(answers) == expected
+
+
+def test_sets_are_disjoint_span_two_formats_and_repeat_with_the_seed():
+    passing = {f"n{i}": "number" for i in range(5)} | {"w0": "word", "w1": "word", "l0": "list"}
+    sets = draw_sets(passing, 2, 3, seed=0)
+    assert sets == draw_sets(passing, 2, 3, seed=0) and sets != draw_sets(passing, 2, 3, seed=1)
+    assert len({t for s in sets for t in s}) == 6
+    assert all(len({passing[t] for t in s}) >= 2 for s in sets)
+
+
+def test_too_few_or_too_uniform_passing_tasks_say_screen_more():
+    with pytest.raises(ValueError, match="screen more"):
+        draw_sets({f"n{i}": "number" for i in range(9)}, 3, 3, seed=0)  # one format only
+    with pytest.raises(ValueError, match="screen more"):
+        draw_sets({"n0": "number", "w0": "word"}, 1, 3, seed=0)
+
+
+def test_screening_items_are_none_of_the_benchmarks_eval_items():
+    task = screening_task("basic_arithmetic", 40)
+    assert len(task.eval) == 40 and len({e.prompt for e in task.eval}) == 40
+    for seed in BENCH_SEEDS:
+        for train in {s["train"] for s in SIZES.values()}:
+            bench = {
+                e.prompt for e in load_task("reasoning_gym:basic_arithmetic", train=train, eval=200, seed=seed).eval
+            }
+            assert not bench & {e.prompt for e in task.eval}
