@@ -61,10 +61,12 @@ def load(args):
 
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-    from peft_isolate.models import load_model
+    from peft_isolate.models import ALIASES, load_model
 
     if args.shape == "smollm2":
         return load_model("smollm2-135m", quantization=args.quant)[0]
+    if args.shape in ALIASES:  # another built-in model, e.g. gemma3-270m
+        return load_model(args.shape, quantization=args.quant)[0]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     path = Path(tempfile.gettempdir()) / f"peft-isolate-bench-{args.shape}"
     if not path.exists():
@@ -206,7 +208,7 @@ def time_steps(model, tokens: torch.Tensor, steps: int) -> tuple[float, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="smollm2", choices=["smollm2", *SHAPES])
+    p.add_argument("--shape", default="smollm2", choices=["smollm2", "gemma3-270m", *SHAPES])
     p.add_argument("--quant", default="nf4", choices=["nf4", "none"])
     p.add_argument("--density", type=float, nargs="+", default=[0.01])
     p.add_argument("--seq", type=int, nargs="+", default=[128])

@@ -53,10 +53,15 @@ ALIASES: dict[str, BuiltInModel] = {
     ),
 }
 
-# Used only when a tokenizer ships without a chat template (base models): ChatML over its own eos token.
+# Used only when a tokenizer ships without a chat template (base models, GGUF exports): the model family's own
+# turn markers where its vocabulary has them (Gemma's), else ChatML over its eos token.
 FALLBACK_CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+GEMMA_TURNS_TEMPLATE = (
+    "{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
 
 
@@ -171,10 +176,17 @@ def load_model(
         if tokenizer.eos_token is None:
             raise ValueError(f"the tokenizer of {path} has neither a pad nor an eos token; add one first")
         tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.chat_template is None:
-        logger.warning("the tokenizer of %s has no chat template; using a ChatML fallback", path)
-        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if tokenizer.chat_template is None:
+        turns = {"<start_of_turn>", "<end_of_turn>"} <= set(tokenizer.get_vocab())
+        what = "Gemma's turn markers (<start_of_turn>role ... <end_of_turn>)" if turns else "a ChatML fallback"
+        logger.warning("the tokenizer of %s has no chat template; using %s", path, what)
+        tokenizer.chat_template = GEMMA_TURNS_TEMPLATE if turns else FALLBACK_CHAT_TEMPLATE
+        if turns:  # a turn ends at <end_of_turn>: generation stops there too
+            stop = model.generation_config.eos_token_id
+            stop = [] if stop is None else [stop] if isinstance(stop, int) else list(stop)
+            end = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+            model.generation_config.eos_token_id = [*stop, end] if end not in stop else stop
     if path != Path(name_or_path):  # an alias or a .gguf: adapters record what the user named, not the cache
         model.config._name_or_path = model.name_or_path = str(name_or_path)
     return model, tokenizer

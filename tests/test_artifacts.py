@@ -78,7 +78,6 @@ TUNER_ONLY = textwrap.dedent(
         sys.modules[name] = None
     import torch
     from peft import get_peft_model
-from runs import with_changes
     from transformers import AutoModelForCausalLM
     import peft_isolate
     from peft_isolate.export import compose_deltas, export_delta, merge_checkpoint

@@ -72,8 +72,9 @@ def test_evaluate_scores_each_task_on_its_own_items(tiny, tmp_path, monkeypatch)
     right = {prompt_text(e, tok): e.answer for e in tasks[0].eval[:1] + tasks[1].eval[:3]}
     monkeypatch.setattr(ev, "generate", lambda model, tokenizer, prompts, *a, **k: [right.get(p, "x") for p in prompts])
     scores = evaluate(model, tok, tasks, max_new_tokens=4, batch_size=4)
-    assert scores["add"] == {"score": 0.75, "exact": 0.75}
+    assert scores["add"] == {"score": 0.75, "exact": 0.75, "items": [1.0, 1.0, 1.0, 0.0]}  # in eval order
     assert scores["spell_backward"]["exact"] == pytest.approx(1 / 6)
+    assert scores["spell_backward"]["items"][0] == 1.0 and len(scores["spell_backward"]["items"]) == 6
 
 
 def test_evaluate_scores_with_the_task_scorer(tiny, monkeypatch):

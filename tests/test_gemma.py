@@ -80,6 +80,18 @@ def test_the_pipeline_runs_on_gemma3(recipe_file, gemma_dir, tmp_path):
     assert (out / "results.json").is_file()
 
 
+def test_a_tokenizer_without_a_template_but_with_gemma_turns_gets_gemma_turns(tmp_path):
+    """The GGUF's tokenizer carries no chat template: prompts use Gemma's own turn markers (in its vocabulary)
+    rather than ChatML text, and generation stops at the end of the model's turn as at the end of text."""
+    tiny_gemma3(tmp_path / "g", turns=True)
+    model, tokenizer = models.load_model(tmp_path / "g")
+    messages = [{"role": "user", "content": "2+3?"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == "<start_of_turn>user\n2+3?<end_of_turn>\n<start_of_turn>model\n"
+    stops = model.generation_config.eos_token_id
+    assert tokenizer.convert_tokens_to_ids("<end_of_turn>") in stops and tokenizer.eos_token_id in stops
+
+
 @pytest.fixture
 def chunked_alias(tmp_path, monkeypatch):
     """A built-in alias of the `gemma3-270m` kind: a package whose `assemble(path)` joins the GGUF; the

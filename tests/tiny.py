@@ -44,26 +44,21 @@ def tiny_llama(
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        **_vocabulary(tokenizer),
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
-    if path is not None:
-        model.save_pretrained(Path(path))
-        tokenizer.save_pretrained(Path(path))
-    return model, tokenizer
+    return _built(LlamaForCausalLM, config, tokenizer, seed, path)
 
 
 def tiny_gemma3(
-    path: str | os.PathLike | None = None, seed: int = 0
+    path: str | os.PathLike | None = None, seed: int = 0, turns: bool = False
 ) -> tuple[Gemma3ForCausalLM, PreTrainedTokenizerFast]:
     """A seeded 2-layer random Gemma 3 (text) of `gemma3-270m`'s architecture: embedding tied to the output layer,
-    q/k norms, a sliding and a full attention layer; with the byte tokenizer, saved at `path` if given."""
+    q/k norms, a sliding and a full attention layer; with the byte tokenizer, saved at `path` if given. `turns`:
+    the tokenizer has Gemma's turn markers and, like the GGUF's, no chat template."""
     tokenizer = tiny_tokenizer()
+    if turns:
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+        tokenizer.chat_template = None
     config = Gemma3TextConfig(
         hidden_size=64,
         intermediate_size=128,
@@ -73,15 +68,27 @@ def tiny_gemma3(
         head_dim=16,
         sliding_window=8,
         layer_types=["sliding_attention", "full_attention"],
-        vocab_size=len(tokenizer),
-        max_position_embeddings=512,
         tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        **_vocabulary(tokenizer),
     )
+    return _built(Gemma3ForCausalLM, config, tokenizer, seed, path)
+
+
+def _vocabulary(tokenizer: PreTrainedTokenizerFast) -> dict:
+    """The config fields a tiny model takes from its tokenizer."""
+    return {
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": 512,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
+def _built(cls, config, tokenizer, seed: int, path: str | os.PathLike | None):
+    """A seeded random `cls(config)` in eval mode, with its tokenizer saved beside it at `path` if given."""
     torch.manual_seed(seed)
-    model = Gemma3ForCausalLM(config).eval()
+    model = cls(config).eval()
     if path is not None:
         model.save_pretrained(Path(path))
         tokenizer.save_pretrained(Path(path))
