@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import random
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -166,9 +167,9 @@ def write_report(saved: dict) -> str:
 
 
 def main() -> None:
-    import subprocess
+    from transformers import AutoTokenizer
 
-    from peft_isolate.models import load_model
+    from peft_isolate.models import resolve_model
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sample", type=int, default=12, help="screen the first N short generators of the stream")
@@ -190,7 +191,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (2 cores)",
         "commit": commit,
     }
-    _, tokenizer = load_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))  # only to count answer tokens
     short = 0
     for name, fmt, tokens in candidates(args.seed, tokenizer):
         if short == args.sample:

@@ -83,13 +83,14 @@ class GradientCover:
             self.local = (position * block + rows % block) * block + cols % block
             self.size = self.units.numel() * block * block
         if self.columns is not None and 2 * self.columns.numel() > in_features:  # keeping all of x is as cheap
-            self.unit_cols = self.columns[self.unit_cols] if granularity == "block" else None
+            if granularity == "block":
+                self.unit_cols = self.columns[self.unit_cols]
             self.columns = None
         self.local = self.local.to(torch.int32)  # as many bytes as the CSR columns it replaces
 
-    def keep(self, x2d: torch.Tensor) -> torch.Tensor:
-        """What backward needs of the `[n, in]` input: the columns the product reads."""
-        return x2d if self.columns is None else x2d.index_select(1, self.columns)
+    def keep(self, x: torch.Tensor) -> torch.Tensor:
+        """What backward needs of the input `[..., in]`: `x` itself, or the columns the product reads as `[n, c]`."""
+        return x if self.columns is None else x.reshape(-1, x.shape[-1]).index_select(1, self.columns)
 
     def gradient(self, g2d: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         """The weight gradient `g2d^T @ x` at the trainable entries, from what `keep` kept of `x`."""
@@ -179,16 +180,14 @@ class DeltaPattern:
     def keep_input(self, x: torch.Tensor) -> torch.Tensor:
         """What backward keeps of the input `x` for the value gradient: `x` itself (often kept anyway by the base
         layer), or for a column or block cover only the columns its product reads."""
-        if self.cover is None or self.cover.columns is None:
-            return x
-        return self.cover.keep(x.reshape(-1, self.shape[1]))
+        return x if self.cover is None else self.cover.keep(x)
 
     def value_gradient(self, g2d: torch.Tensor, kept: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """`(g2d^T @ x)` at the trainable entries, in `dtype`, from `keep_input(x)`: over a structured support's
         units (`GradientCover`), else sampled (SDDMM) on CPU and gathered from the full product on CUDA."""
-        if self.cover is not None:
-            return self.cover.gradient(g2d, kept.reshape(g2d.shape[0], -1)).to(dtype)
         x2d = kept.reshape(g2d.shape[0], -1)
+        if self.cover is not None:
+            return self.cover.gradient(g2d, x2d).to(dtype)
         if g2d.is_cuda:
             return (g2d.T @ x2d.to(g2d.dtype)).flatten()[self.indices.long()].to(dtype)
         compute = g2d.dtype if g2d.dtype in _SPARSE_DTYPES else torch.float32
