@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from seesaw import SIZES, TASKS, WORK, recipe
+from seesaw import SCREENED, SIZES, TASKS, WORK, recipe
 
 from peft_isolate._io import load_json, save_json, write_atomic
 
@@ -178,7 +178,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the generator stream and of the set draw")
     p.add_argument("--model", default="smollm2-135m")
     args = p.parse_args()
-    path = RESULTS / "screen.json"
+    path = SCREENED
     saved = load_json(path) if path.exists() else {"generators": {}}
     if saved.get("seed", args.seed) != args.seed or saved.get("items", args.items) != args.items:
         raise SystemExit(f"{path} holds another seed or item count: move it away to screen afresh")

@@ -15,8 +15,10 @@ support spread over all weights, each at CPI-FT's stage budget and at its whole 
 sequential SFT vs CPI-FT with A's core locked, the paper's Table 2), `ablations` (no fusion, no freezing, tau,
 p, sparse probe, cores re-selected between stages, freeze all in dense mode; `--ablations NAME...` picks some).
 `--quick` runs `main` only unless `--parts` says otherwise. `--eval-items 200` rescores runs already trained on
-200 held-out items per task (the first 48 are the small size's). Writes bench/results/seesaw.md and seesaw.json,
-a section per size, and seesaw_<size>.png.
+200 held-out items per task (the first 48 are the small size's). `--task-set K` runs the K-th set of three tasks
+that bench/screen.py drew (tasks nobody picked) instead of the seesaw's own; its forgetting part then takes one
+ordered pair, the set's first two tasks. Writes bench/results/seesaw.md and seesaw.json, a section per size and
+task set (then one pooled over the sets), and seesaw_<size>.png.
 """
 
 from __future__ import annotations
@@ -33,13 +35,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from peft_isolate._io import save_json, write_atomic
+from peft_isolate._io import load_json, save_json, write_atomic
 from peft_isolate.evaluate import plot_scores
 from peft_isolate.pipeline import run_pipeline
 from peft_isolate.recipe import Recipe
 
 RESULTS = Path(__file__).parent / "results"
 WORK = Path(__file__).parent / "_work" / "seesaw"
+SCREENED = RESULTS / "screen.json"  # bench/screen.py's screening and its draw of task sets
 # short answers, different skills and formats, the base model weak on each; the first three are the ones a 40-step
 # CPU probe clearly lifts above the majority answer (chain_sum needs the full size's budget; see README)
 TASKS = ["number_sequence", "spell_backward", "calendar_arithmetic", "chain_sum"]
@@ -112,62 +115,80 @@ def _merge(data: dict, changes: dict) -> dict:
     return merged
 
 
-def runs(args, size: dict) -> dict[str, dict[str, dict]]:
+def drawn_set(k: int) -> list[str]:
+    """The k-th task set of bench/screen.py's seeded draw (results/screen.json)."""
+    sets = load_json(SCREENED)["sets"] if SCREENED.is_file() else None
+    if not sets or not 0 <= k < len(sets):
+        raise SystemExit(f"no task set {k} in {SCREENED}: draw the sets first (python bench/screen.py --sets {k + 1})")
+    return sets[k]
+
+
+def work_root(section: str) -> Path:
+    """The run directories of a results section (`small`, `small-eval200`, `small-eval200-set1`)."""
+    size, *rest = section.split("-")
+    return WORK / size / next((r for r in rest if r.startswith("set")), "")
+
+
+def runs(args, size: dict, tasks: list[str], root: Path) -> dict[str, dict[str, dict]]:
     """{part/config: {seed: results.json}}"""
-    tasks = TASKS[: size["tasks"]]
-    given = [[t for t in g if t in tasks] for g in GIVEN]
-    given = [g for g in given if g]
     out: dict[str, dict[str, dict]] = {}
     for seed in args.seeds:
-        base = WORK / args.size / f"seed{seed}"
-        configs: dict[str, Recipe] = {}
-        main = {"plan": {"seed": seed, "groups": given}}  # the hand-given grouping of multistage_given
-        if "main" in args.parts:
-            baselines = [*STAGED, "lora_multitask"]
-            configs["main"] = recipe(size, tasks, seed, base / "main", args.model, baselines=baselines, **main)
-        if "matched" in args.parts:
-            _start_from(base / "main", base / "matched")
-            configs["matched"] = recipe(
-                size,
-                tasks,
-                seed,
-                base / "matched",
-                args.model,
-                regions={"p": args.matched_p},
-                baselines=args.matched_baselines,
-                **main,
-            )
-        if "dense" in args.parts:
-            configs["dense"] = recipe(size, tasks, seed, base / "dense", args.model, **DENSE)
-        if "forgetting" in args.parts:
-            for a, b in args.pairs or itertools.permutations(tasks[:3], 2):
-                # another core size p varies the default's run: its probes are reused, its cores found again
-                p = args.forgetting_p
-                out_dir = base / f"forget-{a}-{b}" if p is None else base / f"forget-{a}-{b}-p{p:g}"
-                name = f"{a}>{b}" if p is None else f"{a}>{b} (p = {p:g})"
-                _start_from(base / f"forget-{a}-{b}", out_dir)
-                configs[f"forgetting/{name}"] = recipe(
-                    size,
-                    [a, b],
-                    seed,
-                    out_dir,
-                    args.model,
-                    regions={} if p is None else {"p": p},
-                    fusion={"enabled": False},
-                    plan={"order": "given", "groups": [[a], [b]], "tau": 2.0},
-                    baselines=["multistage_given"],
-                    eval={"stages": True},
-                )
-        if "ablations" in args.parts:
-            for name in args.ablations:
-                out_dir = base / f"ablation-{name}"
-                _start_from(base / ("dense" if ABLATIONS[name].get("mode") == "dense" else "main"), out_dir)
-                changes = _merge(main, ABLATIONS[name])
-                configs[f"ablation/{name}"] = recipe(size, tasks, seed, out_dir, args.model, **changes)
-        for name, config in configs.items():
+        for name, config in seed_configs(args, size, tasks, root / f"seed{seed}", seed).items():
             print(f"== seed {seed}: {name}", flush=True)
             out.setdefault(name, {})[str(seed)] = run_pipeline(config)
     return out
+
+
+def seed_configs(args, size: dict, tasks: list[str], base: Path, seed: int) -> dict[str, Recipe]:
+    """{part/config: recipe} of one seed's runs under `base`; a new run directory starts as a copy of the one it
+    varies (`_start_from`)."""
+    given = [g for g in ([t for t in g if t in tasks] for g in GIVEN) if g] or None
+    pairs = args.pairs or (itertools.permutations(tasks[:3], 2) if args.task_set is None else [tuple(tasks[:2])])
+    configs: dict[str, Recipe] = {}
+    main = {"plan": {"seed": seed, "groups": given}}  # the hand-given grouping of multistage_given
+    if "main" in args.parts:
+        baselines = [*STAGED, "lora_multitask"]
+        configs["main"] = recipe(size, tasks, seed, base / "main", args.model, baselines=baselines, **main)
+    if "matched" in args.parts:
+        _start_from(base / "main", base / "matched")
+        configs["matched"] = recipe(
+            size,
+            tasks,
+            seed,
+            base / "matched",
+            args.model,
+            regions={"p": args.matched_p},
+            baselines=args.matched_baselines,
+            **main,
+        )
+    if "dense" in args.parts:
+        configs["dense"] = recipe(size, tasks, seed, base / "dense", args.model, **DENSE)
+    if "forgetting" in args.parts:
+        for a, b in pairs:
+            # another core size p varies the default's run: its probes are reused, its cores found again
+            p = args.forgetting_p
+            out_dir = base / f"forget-{a}-{b}" if p is None else base / f"forget-{a}-{b}-p{p:g}"
+            name = f"{a}>{b}" if p is None else f"{a}>{b} (p = {p:g})"
+            _start_from(base / f"forget-{a}-{b}", out_dir)
+            configs[f"forgetting/{name}"] = recipe(
+                size,
+                [a, b],
+                seed,
+                out_dir,
+                args.model,
+                regions={} if p is None else {"p": p},
+                fusion={"enabled": False},
+                plan={"order": "given", "groups": [[a], [b]], "tau": 2.0},
+                baselines=["multistage_given"],
+                eval={"stages": True},
+            )
+    if "ablations" in args.parts:
+        for name in args.ablations:
+            out_dir = base / f"ablation-{name}"
+            _start_from(base / ("dense" if ABLATIONS[name].get("mode") == "dense" else "main"), out_dir)
+            changes = _merge(main, ABLATIONS[name])
+            configs[f"ablation/{name}"] = recipe(size, tasks, seed, out_dir, args.model, **changes)
+    return configs
 
 
 def _start_from(run: Path, out_dir: Path) -> None:
@@ -219,7 +240,8 @@ def report(name: str, entry: dict) -> tuple[list[str], dict]:
         f"## Size {name}",
         "",
         f"Last command: `{entry['command']}` ({entry['minutes']:.0f} min; the tables also hold the earlier runs of "
-        f"this size), {entry['size']}, device {entry['device']}, {entry['date']}. Seeds per configuration: "
+        f"this size), {entry['size']}, tasks {entry.get('tasks', TASKS[: entry['size']['tasks']])}, device "
+        f"{entry['device']}, {entry['date']}. Seeds per configuration: "
         + ", ".join(f"{config} {seeds}" for config, seeds in seeds_of.items())
         + ". Scores in points (generator's scorer x 100; exact match in brackets), mean ± std over seeds.",
         "",
@@ -252,11 +274,7 @@ def report(name: str, entry: dict) -> tuple[list[str], dict]:
         ]
         aggregate["forgetting"] = {}
         for pair, seeds in forgetting.items():
-            a = pair.split(">")[0]
-            drops = {
-                m: [r["methods"][f"{m}@0"]["tasks"][a] - r["methods"][m]["tasks"][a] for r in seeds]
-                for m in ("multistage_given", "cpi_ft")
-            }
+            drops = forgetting_drops(pair, seeds)
             aggregate["forgetting"][pair] = {m: statistics.mean(d) for m, d in drops.items()}
             lines.append(f"| {pair} | {_mean_std(drops['multistage_given'])} | {_mean_std(drops['cpi_ft'])} |")
     for change in ABLATIONS:  # an ablation that trains its own baselines gets its own table and goals
@@ -269,16 +287,27 @@ def report(name: str, entry: dict) -> tuple[list[str], dict]:
         lines += ["", "### Ablations (CPI-FT average)", "", "| change | avg |", "|---|---|"]
         for change, seeds in ablations.items():
             lines.append(f"| cpi_ft:{change} | {_mean_std([r['methods']['cpi_ft']['avg'] for r in seeds])} |")
-        lines += overlap_section(name.split("-")[0], {k: seeds_of[f"ablation/{k}"] for k in ablations})
+        lines += overlap_section(work_root(name), {k: seeds_of[f"ablation/{k}"] for k in ablations})
     return lines + goals(aggregate), aggregate
 
 
-def overlap_section(size: str, seeds_of: dict[str, list[str]]) -> list[str]:
+def forgetting_drops(pair: str, seeds: list[dict]) -> dict[str, list[float]]:
+    """Per seed, how far task A of `pair` ("A>B") fell from after its own stage to after B's: sequential SFT
+    (`multistage_given`) and CPI-FT with A's core locked."""
+    a = pair.split(">")[0]
+    return {
+        m: [r["methods"][f"{m}@0"]["tasks"][a] - r["methods"][m]["tasks"][a] for r in seeds]
+        for m in ("multistage_given", "cpi_ft")
+    }
+
+
+def overlap_section(root: Path, seeds_of: dict[str, list[str]]) -> list[str]:
     """Per p / granularity ablation, how its cores overlap (mean pairwise Jaccard against its chance level, read
-    from each run's plan.json) and how many stages the plan made: structure may link tasks more often."""
+    from each run's plan.json under `root`) and how many stages the plan made: structure may link tasks more
+    often."""
     rows = []
     for change, seeds in seeds_of.items():
-        plans = [WORK / size / f"seed{k}" / f"ablation-{change}" / "plan.json" for k in seeds]
+        plans = [root / f"seed{k}" / f"ablation-{change}" / "plan.json" for k in seeds]
         plans = [json.loads(p.read_text()) for p in plans if p.is_file()]
         if not plans or not (change.startswith("p_") or "_p0" in change):
             continue
@@ -332,8 +361,9 @@ def bootstrap_margin(pairs: list[tuple[dict, dict]], reps: int = 2000, seed: int
 
 
 def margins_section(seeds: list[dict], method: str = "cpi_ft") -> list[str]:
-    """A table of `method`'s margin over each other method scored on the same items in every seed: mean, per
-    seed, 95% bootstrap interval over seeds and items, and whether the interval leaves out zero."""
+    """A table of `method`'s margin over each other method scored on the same items in every seed (or set x seed
+    run): mean, per run, 95% bootstrap interval over runs and items, whether the interval leaves out zero, and a
+    sign count (in how many runs `method`'s average beats the other's)."""
     if not seeds[0]["methods"].get(method, {}).get("items"):
         return []
     lines = [
@@ -341,8 +371,8 @@ def margins_section(seeds: list[dict], method: str = "cpi_ft") -> list[str]:
         f"Margins of {method} over each baseline, in points (95% bootstrap interval over seeds and eval items, "
         "paired):",
         "",
-        "| baseline | margin | per seed | 95% interval | interval excludes 0 |",
-        "|---|---|---|---|---|",
+        "| baseline | margin | per seed | 95% interval | interval excludes 0 | ahead in |",
+        "|---|---|---|---|---|---|",
     ]
     for other in seeds[0]["methods"]:
         if other == method or "@" in other or other == "base":
@@ -351,10 +381,12 @@ def margins_section(seeds: list[dict], method: str = "cpi_ft") -> list[str]:
         if not all(a and b and set(a) == set(b) for a, b in pairs):
             continue  # single-task rows, or a seed scored before per-item scores were kept
         margin, low, high = bootstrap_margin(pairs)
-        per_seed = ", ".join(f"{100 * (r['methods'][method]['avg'] - r['methods'][other]['avg']):+.1f}" for r in seeds)
+        margins = [r["methods"][method]["avg"] - r["methods"][other]["avg"] for r in seeds]
+        per_seed = ", ".join(f"{100 * m:+.1f}" for m in margins)
         verdict = "yes, CPI-FT ahead" if low > 0 else "yes, CPI-FT behind" if high < 0 else "no"
         lines.append(
-            f"| {other} | {100 * margin:+.1f} | {per_seed} | [{100 * low:+.1f}, {100 * high:+.1f}] | {verdict} |"
+            f"| {other} | {100 * margin:+.1f} | {per_seed} | [{100 * low:+.1f}, {100 * high:+.1f}] | {verdict} "
+            f"| {sum(m > 0 for m in margins)} of {len(seeds)} |"
         )
     return lines
 
@@ -393,12 +425,54 @@ def goals(aggregate: dict) -> list[str]:
     ]
 
 
+def pooled_section(sets: dict[str, dict]) -> list[str]:
+    """The task sets' `matched` and forgetting runs pooled ({section: entry}, one size): per baseline CPI-FT's
+    margin over every set x seed run (95% bootstrap interval over runs and eval items) and a sign count (in how
+    many runs CPI-FT's average beats the baseline's), then the goals on the pooled means, a task per set."""
+    matched = {
+        name: [entry["runs"]["matched"][k] for k in sorted(entry["runs"]["matched"], key=int)]
+        for name, entry in sets.items()
+        if "matched" in entry["runs"]
+    }
+    if not matched:
+        return []
+    runs = [r for seeds in matched.values() for r in seeds]
+    title = f"## Pooled over {len(matched)} task sets nobody picked ({', '.join(matched)}: {len(runs)} set x seed runs)"
+    lines = [title, *margins_section(runs)]
+    methods: dict[str, dict] = {}
+    for name, seeds in matched.items():
+        _, table = main_table(seeds, {"probe": "single_task (probe)"})
+        for method, row in table.items():
+            pooled = methods.setdefault(method, {"tasks": {}, "avgs": []})
+            pooled["tasks"] |= {f"{t} ({name})": statistics.mean(v) for t, v in row["tasks"].items()}
+            pooled["avgs"] += row["avg"]
+    aggregate = {"methods": {m: {"tasks": v["tasks"], "avg": statistics.mean(v["avgs"])} for m, v in methods.items()}}
+    drops = {
+        f"{config.split('/', 1)[1]} ({name})": forgetting_drops(config.split("/", 1)[1], list(seeds.values()))
+        for name, entry in sets.items()
+        for config, seeds in entry["runs"].items()
+        if config.startswith("forgetting/")
+    }
+    drops = {pair: {m: statistics.mean(d) for m, d in seeds.items()} for pair, seeds in drops.items()}
+    if drops:
+        drops["pooled"] = {m: statistics.mean(d[m] for d in drops.values()) for m in ("multistage_given", "cpi_ft")}
+        aggregate["forgetting"] = drops
+    return lines + goals(aggregate)
+
+
 def write_results(saved: dict) -> str:
-    """seesaw.md (a section per size, smallest first) and seesaw.json from every size's runs."""
+    """seesaw.md (a section per size and task set, smallest first, then the sets pooled per size) and
+    seesaw.json from every section's runs."""
     lines = ["# Seesaw benchmark", ""]
     for name in sorted(saved["sizes"], key=lambda n: (list(SIZES).index(n.split("-")[0]), n)):
         section, saved["sizes"][name]["aggregate"] = report(name, saved["sizes"][name])
         lines += [*section, ""]
+    sets: dict[str, dict[str, dict]] = {}
+    for name, entry in saved["sizes"].items():
+        if "-set" in name:
+            sets.setdefault(name.rsplit("-set", 1)[0], {})[name] = entry
+    for _, entries in sorted(sets.items()):
+        lines += [*pooled_section(entries), ""]
     save_json(saved, RESULTS / "seesaw.json")
     text = "\n".join(lines)
     write_atomic(RESULTS / "seesaw.md", lambda p: p.write_text(text))
@@ -430,18 +504,23 @@ def main() -> None:
     p.add_argument("--forgetting-p", type=float, help="core size p of the forgetting part (default: the recipe's)")
     p.add_argument("--matched-baselines", nargs="+", default=MATCHED, metavar="ID", help="baselines of `matched`")
     p.add_argument("--matched-p", type=lambda v: v if v == "auto" else float(v), default=0.05, help="p of `matched`")
+    p.add_argument("--task-set", type=int, metavar="K", help="the K-th task set bench/screen.py drew (default: ours)")
     args = p.parse_args()
     args.seeds = args.seeds or ([0, 1, 2] if args.size == "full" else [0])
     args.parts = args.parts or (["main"] if args.size == "quick" else parts)
     size, name = SIZES[args.size], args.size
     if args.eval_items:  # the same runs rescored: their own section, so the tables of each item count stay whole
         size, name = {**size, "eval_items": args.eval_items}, f"{args.size}-eval{args.eval_items}"
+    tasks = TASKS[: size["tasks"]]
+    if args.task_set is not None:
+        name, tasks = f"{name}-set{args.task_set}", drawn_set(args.task_set)
     start = time.time()
-    out = runs(args, size)
+    out = runs(args, size, tasks, work_root(name))
     path = RESULTS / "seesaw.json"
     saved = json.loads(path.read_text()) if path.exists() else {"sizes": {}}
     saved["sizes"][name] = {
         "size": size,
+        "tasks": tasks,
         "runs": merged(saved, name, size, out),
         "command": f"python bench/seesaw.py {' '.join(sys.argv[1:])}",
         "minutes": (time.time() - start) / 60,

@@ -1,7 +1,9 @@
-"""bench/seesaw.py's paired bootstrap of CPI-FT's margin over a baseline, on per-item scores whose answer is known."""
+"""bench/seesaw.py's paired bootstrap of CPI-FT's margin over a baseline on per-item scores whose answer is known,
+the task sets bench/screen.py draws, and their pooled report."""
 
 from __future__ import annotations
 
+import argparse
 import random
 import sys
 from pathlib import Path
@@ -9,7 +11,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
-from seesaw import bootstrap_margin, margins_section  # noqa: E402
+import seesaw  # noqa: E402
+from seesaw import bootstrap_margin, margins_section, pooled_section  # noqa: E402
+
+from peft_isolate._io import save_json  # noqa: E402
 
 
 def _items(p: float, n: int, seed: int) -> list[float]:
@@ -58,3 +63,69 @@ def test_the_table_says_which_margins_the_interval_separates():
     rows = "\n".join(margins_section([seed(0), seed(1)]))
     assert "| multitask | +" in rows and "yes, CPI-FT ahead" in rows.split("| multitask |")[1].split("\n")[0]
     assert "| no |" in rows.split("| lora_multitask |")[1].split("\n")[0] and "| probe |" not in rows
+
+
+def _run(cpi: float, others: dict[str, float], tasks: list[str], seed: int) -> dict:
+    """One run's results.json: per method per task 200 per-item scores drawn at the given rate."""
+    methods = {}
+    for k, (method, p) in enumerate({"cpi_ft": cpi, **others}.items()):
+        items = {t: _items(p, 200, 1000 * seed + 10 * k + i) for i, t in enumerate(tasks)}
+        scores = {t: sum(v) / len(v) for t, v in items.items()}
+        methods[method] = {"avg": sum(scores.values()) / len(scores), "tasks": scores, "exact": scores, "items": items}
+    return {"methods": methods, "majority": dict.fromkeys(tasks, 0.1)}
+
+
+def _forgetting(a: str, b: str, drops: dict[str, float]) -> dict:
+    methods = {}
+    for method, drop in drops.items():
+        methods[f"{method}@0"] = {"tasks": {a: 0.5, b: 0.1}}
+        methods[method] = {"tasks": {a: 0.5 - drop, b: 0.4}}
+    return {"methods": methods}
+
+
+def test_task_sets_pool_into_margins_sign_counts_and_goals():
+    """Two sets x two seeds: CPI-FT ahead of multi-task in all four runs, clearly behind LoRA in all four; the
+    forgetting cut is pooled over the sets' pairs."""
+    sets = {}
+    for k, tasks in enumerate([["a", "b", "c"], ["d", "e", "f"]]):
+        matched = {
+            str(s): _run(0.6, {"multitask": 0.3, "lora_multitask_matched": 0.9}, tasks, 10 * k + s) for s in (0, 1)
+        }
+        forgetting = {
+            str(s): _forgetting(tasks[0], tasks[1], {"multistage_given": 0.2, "cpi_ft": 0.04}) for s in (0, 1)
+        }
+        sets[f"small-eval200-set{k}"] = {"runs": {"matched": matched, f"forgetting/{tasks[0]}>{tasks[1]}": forgetting}}
+    text = "\n".join(pooled_section(sets))
+    assert text.startswith("## Pooled over 2 task sets nobody picked") and "4 set x seed runs" in text
+    row = text.split("| multitask |")[1].split("\n")[0]
+    assert "yes, CPI-FT ahead" in row and row.endswith("| 4 of 4 |")
+    row = text.split("| lora_multitask_matched |")[1].split("\n")[0]
+    assert "yes, CPI-FT behind" in row and row.endswith("| 0 of 4 |")
+    assert "| CPI-FT average >= multi-task average | +" in text
+    assert "| CPI-FT average >= lora_multitask_matched average | -" in text
+    assert "| forgetting cut >= 70% (pooled) | cut 80% | yes |" in text
+    assert "| forgetting cut >= 70% (a>b (small-eval200-set0)) | cut 80% | yes |" in text
+
+
+def test_a_task_set_runs_its_drawn_tasks_in_their_own_directories(tmp_path, monkeypatch):
+    monkeypatch.setattr(seesaw, "SCREENED", tmp_path / "screen.json")
+    args = argparse.Namespace(
+        parts=["matched", "forgetting"],
+        task_set=1,
+        pairs=None,
+        model="smollm2-135m",
+        matched_p=0.05,
+        matched_baselines=["multitask_matched"],
+        forgetting_p=None,
+        ablations=[],
+    )
+    with pytest.raises(SystemExit, match="bench/screen.py --sets 2"):
+        seesaw.drawn_set(1)
+    save_json({"sets": [["a", "b", "c"], ["x", "y", "z"]]}, tmp_path / "screen.json")
+    tasks = seesaw.drawn_set(1)
+    configs = seesaw.seed_configs(args, seesaw.SIZES["small"], tasks, tmp_path / "seed3", 3)
+    assert sorted(configs) == ["forgetting/x>y", "matched"]  # one ordered pair: the set's first two tasks
+    assert list(configs["matched"].tasks) == ["x", "y", "z"] and configs["matched"].plan.groups is None
+    assert Path(configs["forgetting/x>y"].output_dir) == tmp_path / "seed3" / "forget-x-y"
+    assert seesaw.work_root("small-eval200-set1") == seesaw.WORK / "small" / "set1"
+    assert seesaw.work_root("small-eval200") == seesaw.WORK / "small"
