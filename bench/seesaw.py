@@ -59,6 +59,7 @@ STAGED = ["multitask", "multistage_random", "multistage_given"]  # the baselines
 # on CPI-FT's support, LoRA, and multi-task on as many entries spread over all weights; multi-task at the stage
 # budget too, the comparison the other parts make
 MATCHED = ["multitask", "multitask_matched", "lora_multitask_matched", "multitask_all_weights_matched"]
+MATCHED_P = 0.05  # the p of `matched` unless --matched-p gives another (1%, auto)
 # dense mode trains the whole model (probes and stages are full fine-tunes but for the frozen cores), so it takes
 # a full fine-tuning learning rate; the adapter's lr of 1e-3-3e-3 on all weights wrecked the model (2.6 points)
 DENSE = {"mode": "dense", "quantization": "none", "probe": {"lr": 5e-5}, "stages": {"lr": 5e-5}}
@@ -150,12 +151,14 @@ def seed_configs(args, size: dict, tasks: list[str], base: Path, seed: int) -> d
         baselines = [*STAGED, "lora_multitask"]
         configs["main"] = recipe(size, tasks, seed, base / "main", args.model, baselines=baselines, **main)
     if "matched" in args.parts:
-        _start_from(base / "main", base / "matched")
-        configs["matched"] = recipe(
+        # another p than the default's is its own run (`matched-p<p>`), started from the default's: probes reused
+        name = matched_name(args.matched_p)
+        _start_from(base / name, base / "matched", base / "main")
+        configs[name] = recipe(
             size,
             tasks,
             seed,
-            base / "matched",
+            base / name,
             args.model,
             regions={"p": args.matched_p},
             baselines=args.matched_baselines,
@@ -169,7 +172,7 @@ def seed_configs(args, size: dict, tasks: list[str], base: Path, seed: int) -> d
             p = args.forgetting_p
             out_dir = base / f"forget-{a}-{b}" if p is None else base / f"forget-{a}-{b}-p{p:g}"
             name = f"{a}>{b}" if p is None else f"{a}>{b} (p = {p:g})"
-            _start_from(base / f"forget-{a}-{b}", out_dir)
+            _start_from(out_dir, base / f"forget-{a}-{b}")
             configs[f"forgetting/{name}"] = recipe(
                 size,
                 [a, b],
@@ -185,17 +188,44 @@ def seed_configs(args, size: dict, tasks: list[str], base: Path, seed: int) -> d
     if "ablations" in args.parts:
         for name in args.ablations:
             out_dir = base / f"ablation-{name}"
-            _start_from(base / ("dense" if ABLATIONS[name].get("mode") == "dense" else "main"), out_dir)
+            dense = ABLATIONS[name].get("mode") == "dense"
+            _start_from(out_dir, *([base / "dense"] if dense else [base / "main", base / "matched"]))
             changes = _merge(main, ABLATIONS[name])
             configs[f"ablation/{name}"] = recipe(size, tasks, seed, out_dir, args.model, **changes)
     return configs
 
 
-def _start_from(run: Path, out_dir: Path) -> None:
-    """A new run directory starts as a copy of the seed's run it varies (`main`, or `dense`): the pipeline keeps
-    what its recipe hashes say is the same (probes, their scores, often cores and plan) and redoes the rest."""
-    if not out_dir.exists() and (run / "state.json").exists():
-        shutil.copytree(run, out_dir)
+def matched_name(p: float | str) -> str:
+    """The config and run directory of `matched` at core size `p`: `matched` at the default, else `matched-p<p>`."""
+    return "matched" if p == MATCHED_P else f"matched-p{p:g}" if isinstance(p, float) else f"matched-p{p}"
+
+
+def p_label(config: str) -> str:
+    """The p of a `matched` config, as `matched_name` wrote it."""
+    return config.removeprefix("matched-p") if config != "matched" else f"{MATCHED_P:g}"
+
+
+def p_section(runs: dict[str, list[dict]]) -> list[str]:
+    """CPI-FT's average at each p of the `matched` runs ({config: per-seed results}) and the p that `auto` chose
+    per seed: `auto` becomes the recipe default only if it scores at least the better fixed p's seed mean."""
+    if len(runs) < 2:
+        return []
+    lines = ["", "CPI-FT's average at each core size p (matched runs):", "", "| p | seeds | avg | p used per seed |"]
+    lines.append("|---|---|---|---|")
+    for config, seeds in sorted(runs.items()):
+        used = ", ".join(f"{r['meta']['core size p']:g}" for r in seeds)
+        avgs = [r["methods"]["cpi_ft"]["avg"] for r in seeds]
+        lines.append(f"| {p_label(config)} | {len(seeds)} | {_mean_std(avgs)} | {used} |")
+    return lines
+
+
+def _start_from(out_dir: Path, *runs: Path) -> None:
+    """A new run directory starts as a copy of the first finished run of `runs` it varies (`main`, `dense`, or
+    `matched`, which trains the same probes): the pipeline keeps what its recipe hashes say is the same (probes,
+    their scores, often cores and plan) and redoes the rest."""
+    done = [run for run in runs if (run / "state.json").exists()]
+    if not out_dir.exists() and done:
+        shutil.copytree(done[0], out_dir)
 
 
 def merged(saved: dict, name: str, size: dict, out: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict]]:
@@ -256,13 +286,15 @@ def report(name: str, entry: dict) -> tuple[list[str], dict]:
         lines += section + margins_section(out.get("main", []) or seeds)
         majority = seeds[0]["majority"]
         plot_scores({"methods": aggregate["methods"], "majority": majority}, RESULTS / f"seesaw_{name}.png")
-    if "matched" in out:
-        title = "### Compute-matched baselines (`_matched`: CPI-FT's probes + stages; the others: its stages)"
-        section, methods = methods_section(title, out["matched"])
-        steps = out["matched"][0].get("meta", {}).get("optimizer steps", {})
-        lines += ["", *section, *margins_section(out["matched"])]
-        lines += ["", f"Optimizer steps (seed {seeds_of['matched'][0]}): " + json.dumps(steps)]
+    for config in sorted(c for c in out if c.split("-")[0] == "matched"):
+        budgets = "`_matched`: CPI-FT's probes + stages; the others: its stages"
+        title = f"### Compute-matched baselines, CPI-FT at p = {p_label(config)} ({budgets})"
+        section, methods = methods_section(title, out[config])
+        steps = out[config][0].get("meta", {}).get("optimizer steps", {})
+        lines += ["", *section, *margins_section(out[config])]
+        lines += ["", f"Optimizer steps (seed {seeds_of[config][0]}): " + json.dumps(steps)]
         lines += goals({"methods": methods})
+    lines += p_section({c: seeds for c, seeds in out.items() if c.split("-")[0] == "matched"})
     forgetting = {k.split("/", 1)[1]: v for k, v in out.items() if k.startswith("forgetting/")}
     if forgetting:
         lines += [
@@ -503,7 +535,9 @@ def main() -> None:
     )
     p.add_argument("--forgetting-p", type=float, help="core size p of the forgetting part (default: the recipe's)")
     p.add_argument("--matched-baselines", nargs="+", default=MATCHED, metavar="ID", help="baselines of `matched`")
-    p.add_argument("--matched-p", type=lambda v: v if v == "auto" else float(v), default=0.05, help="p of `matched`")
+    p.add_argument(
+        "--matched-p", type=lambda v: v if v == "auto" else float(v), default=MATCHED_P, help="core size p of `matched`"
+    )
     p.add_argument("--task-set", type=int, metavar="K", help="the K-th task set bench/screen.py drew (default: ours)")
     args = p.parse_args()
     args.seeds = args.seeds or ([0, 1, 2] if args.size == "full" else [0])

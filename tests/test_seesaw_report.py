@@ -129,3 +129,42 @@ def test_a_task_set_runs_its_drawn_tasks_in_their_own_directories(tmp_path, monk
     assert Path(configs["forgetting/x>y"].output_dir) == tmp_path / "seed3" / "forget-x-y"
     assert seesaw.work_root("small-eval200-set1") == seesaw.WORK / "small" / "set1"
     assert seesaw.work_root("small-eval200") == seesaw.WORK / "small"
+
+
+def test_each_core_size_p_of_matched_is_its_own_run_and_row(tmp_path):
+    args = argparse.Namespace(
+        parts=["matched"],
+        task_set=None,
+        pairs=None,
+        model="smollm2-135m",
+        matched_p="auto",
+        matched_baselines=["multitask_matched"],
+        forgetting_p=None,
+        ablations=[],
+    )
+    configs = seesaw.seed_configs(args, seesaw.SIZES["small"], seesaw.TASKS[:3], tmp_path, 0)
+    assert list(configs) == ["matched-pauto"] and configs["matched-pauto"].regions.p == "auto"
+    assert Path(configs["matched-pauto"].output_dir) == tmp_path / "matched-pauto"
+    assert [seesaw.matched_name(p) for p in (0.05, 0.01)] == ["matched", "matched-p0.01"]
+    runs = {}
+    for config, p, rate in (("matched", 0.05, 0.3), ("matched-p0.01", 0.01, 0.2), ("matched-pauto", 0.02, 0.4)):
+        runs[config] = [{**_run(rate, {}, ["t"], s), "meta": {"core size p": p}} for s in (0, 1)]
+    rows = {r.split(" | ")[0].strip("| "): r for r in seesaw.p_section(runs) if r.startswith("| ")}
+    assert rows["auto"].endswith("| 0.02, 0.02 |") and rows["0.05"].startswith("| 0.05 | 2 | ")
+    assert seesaw.p_section({"matched": runs["matched"]}) == []
+
+
+def test_an_ablation_starts_from_the_matched_run_when_main_is_gone(tmp_path):
+    """The probes are the same in every part, so an ablation copies whichever finished run there is."""
+    (tmp_path / "matched" / "probes").mkdir(parents=True)
+    (tmp_path / "matched" / "state.json").write_text('{"probes:t": "k"}')
+    args = argparse.Namespace(
+        parts=["ablations"], task_set=None, pairs=None, model="smollm2-135m", ablations=["row_p0.05"]
+    )
+    configs = seesaw.seed_configs(args, seesaw.SIZES["small"], seesaw.TASKS[:3], tmp_path, 0)
+    assert configs["ablation/row_p0.05"].regions.granularity == "row"
+    assert (tmp_path / "ablation-row_p0.05" / "state.json").read_text() == '{"probes:t": "k"}'
+    (tmp_path / "main").mkdir()
+    (tmp_path / "main" / "state.json").write_text("{}")
+    seesaw.seed_configs(args, seesaw.SIZES["small"], seesaw.TASKS[:3], tmp_path, 1)  # an existing run is kept
+    assert (tmp_path / "ablation-row_p0.05" / "state.json").read_text() == '{"probes:t": "k"}'
