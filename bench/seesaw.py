@@ -466,8 +466,8 @@ def pooled_section(sets: dict[str, dict]) -> list[str]:
         for name, entry in sets.items()
         if "matched" in entry["runs"]
     }
-    if not matched:
-        return []
+    if len(matched) < 2:
+        return []  # one set has its own section
     runs = [r for seeds in matched.values() for r in seeds]
     title = f"## Pooled over {len(matched)} task sets nobody picked ({', '.join(matched)}: {len(runs)} set x seed runs)"
     lines = [title, *margins_section(runs)]

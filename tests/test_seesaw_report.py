@@ -95,6 +95,7 @@ def test_task_sets_pool_into_margins_sign_counts_and_goals():
             str(s): _forgetting(tasks[0], tasks[1], {"multistage_given": 0.2, "cpi_ft": 0.04}) for s in (0, 1)
         }
         sets[f"small-eval200-set{k}"] = {"runs": {"matched": matched, f"forgetting/{tasks[0]}>{tasks[1]}": forgetting}}
+    assert pooled_section({"small-eval200-set0": sets["small-eval200-set0"]}) == []
     text = "\n".join(pooled_section(sets))
     assert text.startswith("## Pooled over 2 task sets nobody picked") and "4 set x seed runs" in text
     row = text.split("| multitask |")[1].split("\n")[0]
