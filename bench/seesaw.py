@@ -286,7 +286,8 @@ def report(name: str, entry: dict) -> tuple[list[str], dict]:
         lines += section + margins_section(out.get("main", []) or seeds)
         majority = seeds[0]["majority"]
         plot_scores({"methods": aggregate["methods"], "majority": majority}, RESULTS / f"seesaw_{name}.png")
-    for config in sorted(c for c in out if c.split("-")[0] == "matched"):
+    matched = {c: out[c] for c in sorted(out) if c.split("-")[0] == "matched"}  # one run per core size p
+    for config in matched:
         budgets = "`_matched`: CPI-FT's probes + stages; the others: its stages"
         title = f"### Compute-matched baselines, CPI-FT at p = {p_label(config)} ({budgets})"
         section, methods = methods_section(title, out[config])
@@ -294,7 +295,7 @@ def report(name: str, entry: dict) -> tuple[list[str], dict]:
         lines += ["", *section, *margins_section(out[config])]
         lines += ["", f"Optimizer steps (seed {seeds_of[config][0]}): " + json.dumps(steps)]
         lines += goals({"methods": methods})
-    lines += p_section({c: seeds for c, seeds in out.items() if c.split("-")[0] == "matched"})
+    lines += p_section(matched)
     forgetting = {k.split("/", 1)[1]: v for k, v in out.items() if k.startswith("forgetting/")}
     if forgetting:
         lines += [
@@ -480,12 +481,13 @@ def pooled_section(sets: dict[str, dict]) -> list[str]:
             pooled["avgs"] += row["avg"]
     aggregate = {"methods": {m: {"tasks": v["tasks"], "avg": statistics.mean(v["avgs"])} for m, v in methods.items()}}
     drops = {
-        f"{config.split('/', 1)[1]} ({name})": forgetting_drops(config.split("/", 1)[1], list(seeds.values()))
+        f"{config.split('/', 1)[1]} ({name})": {
+            m: statistics.mean(d) for m, d in forgetting_drops(config.split("/", 1)[1], list(seeds.values())).items()
+        }
         for name, entry in sets.items()
         for config, seeds in entry["runs"].items()
         if config.startswith("forgetting/")
     }
-    drops = {pair: {m: statistics.mean(d) for m, d in seeds.items()} for pair, seeds in drops.items()}
     if drops:
         drops["pooled"] = {m: statistics.mean(d[m] for d in drops.values()) for m in ("multistage_given", "cpi_ft")}
         aggregate["forgetting"] = drops
