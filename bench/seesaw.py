@@ -134,18 +134,23 @@ def runs(args, size: dict, tasks: list[str], root: Path) -> dict[str, dict[str, 
     """{part/config: {seed: results.json}}"""
     out: dict[str, dict[str, dict]] = {}
     for seed in args.seeds:
-        for name, config in seed_configs(args, size, tasks, root / f"seed{seed}", seed).items():
+        configs, starts = seed_configs(args, size, tasks, root / f"seed{seed}", seed)
+        for name, config in configs.items():
             print(f"== seed {seed}: {name}", flush=True)
+            _start_from(Path(config.output_dir), *starts.get(name, []))  # copied now: runs this loop finished count
             out.setdefault(name, {})[str(seed)] = run_pipeline(config)
     return out
 
 
-def seed_configs(args, size: dict, tasks: list[str], base: Path, seed: int) -> dict[str, Recipe]:
-    """{part/config: recipe} of one seed's runs under `base`; a new run directory starts as a copy of the one it
-    varies (`_start_from`)."""
+def seed_configs(
+    args, size: dict, tasks: list[str], base: Path, seed: int
+) -> tuple[dict[str, Recipe], dict[str, list[Path]]]:
+    """{part/config: recipe} of one seed's runs under `base`, and per config the runs a new run directory of it
+    starts as a copy of (`_start_from`: the first of them finished when it starts)."""
     given = [g for g in ([t for t in g if t in tasks] for g in GIVEN) if g] or None
     pairs = args.pairs or (itertools.permutations(tasks[:3], 2) if args.task_set is None else [tuple(tasks[:2])])
     configs: dict[str, Recipe] = {}
+    starts: dict[str, list[Path]] = {}
     main = {"plan": {"seed": seed, "groups": given}}  # the hand-given grouping of multistage_given
     if "main" in args.parts:
         baselines = [*STAGED, "lora_multitask"]
@@ -153,7 +158,7 @@ def seed_configs(args, size: dict, tasks: list[str], base: Path, seed: int) -> d
     if "matched" in args.parts:
         # another p than the default's is its own run (`matched-p<p>`), started from the default's: probes reused
         name = matched_name(args.matched_p)
-        _start_from(base / name, base / "matched", base / "main")
+        starts[name] = [base / "matched", base / "main"]
         configs[name] = recipe(
             size,
             tasks,
@@ -172,7 +177,7 @@ def seed_configs(args, size: dict, tasks: list[str], base: Path, seed: int) -> d
             p = args.forgetting_p
             out_dir = base / f"forget-{a}-{b}" if p is None else base / f"forget-{a}-{b}-p{p:g}"
             name = f"{a}>{b}" if p is None else f"{a}>{b} (p = {p:g})"
-            _start_from(out_dir, base / f"forget-{a}-{b}")
+            starts[f"forgetting/{name}"] = [base / f"forget-{a}-{b}"]
             configs[f"forgetting/{name}"] = recipe(
                 size,
                 [a, b],
@@ -186,13 +191,16 @@ def seed_configs(args, size: dict, tasks: list[str], base: Path, seed: int) -> d
                 eval={"stages": True},
             )
     if "ablations" in args.parts:
+        # the ablations that train the same probes as `main` can start from each other: the first one run at a
+        # new seed trains them, the rest reuse them
+        same_probes = [n for n in args.ablations if not {"mode", "probe"} & set(ABLATIONS[n])]
         for name in args.ablations:
-            out_dir = base / f"ablation-{name}"
             dense = ABLATIONS[name].get("mode") == "dense"
-            _start_from(out_dir, *([base / "dense"] if dense else [base / "main", base / "matched"]))
+            siblings = [base / f"ablation-{n}" for n in same_probes if n != name]
+            starts[f"ablation/{name}"] = [base / "dense"] if dense else [base / "main", base / "matched", *siblings]
             changes = _merge(main, ABLATIONS[name])
-            configs[f"ablation/{name}"] = recipe(size, tasks, seed, out_dir, args.model, **changes)
-    return configs
+            configs[f"ablation/{name}"] = recipe(size, tasks, seed, base / f"ablation-{name}", args.model, **changes)
+    return configs, starts
 
 
 def matched_name(p: float | str) -> str:

@@ -124,7 +124,7 @@ def test_a_task_set_runs_its_drawn_tasks_in_their_own_directories(tmp_path, monk
         seesaw.drawn_set(1)
     save_json({"sets": [["a", "b", "c"], ["x", "y", "z"]]}, tmp_path / "screen.json")
     tasks = seesaw.drawn_set(1)
-    configs = seesaw.seed_configs(args, seesaw.SIZES["small"], tasks, tmp_path / "seed3", 3)
+    configs, _ = seesaw.seed_configs(args, seesaw.SIZES["small"], tasks, tmp_path / "seed3", 3)
     assert sorted(configs) == ["forgetting/x>y", "matched"]  # one ordered pair: the set's first two tasks
     assert list(configs["matched"].tasks) == ["x", "y", "z"] and configs["matched"].plan.groups is None
     assert Path(configs["forgetting/x>y"].output_dir) == tmp_path / "seed3" / "forget-x-y"
@@ -143,7 +143,8 @@ def test_each_core_size_p_of_matched_is_its_own_run_and_row(tmp_path):
         forgetting_p=None,
         ablations=[],
     )
-    configs = seesaw.seed_configs(args, seesaw.SIZES["small"], seesaw.TASKS[:3], tmp_path, 0)
+    configs, starts = seesaw.seed_configs(args, seesaw.SIZES["small"], seesaw.TASKS[:3], tmp_path, 0)
+    assert starts["matched-pauto"] == [tmp_path / "matched", tmp_path / "main"]  # the probes reused
     assert list(configs) == ["matched-pauto"] and configs["matched-pauto"].regions.p == "auto"
     assert Path(configs["matched-pauto"].output_dir) == tmp_path / "matched-pauto"
     assert [seesaw.matched_name(p) for p in (0.05, 0.01)] == ["matched", "matched-p0.01"]
@@ -155,17 +156,40 @@ def test_each_core_size_p_of_matched_is_its_own_run_and_row(tmp_path):
     assert seesaw.p_section({"matched": runs["matched"]}) == []
 
 
-def test_an_ablation_starts_from_the_matched_run_when_main_is_gone(tmp_path):
-    """The probes are the same in every part, so an ablation copies whichever finished run there is."""
-    (tmp_path / "matched" / "probes").mkdir(parents=True)
-    (tmp_path / "matched" / "state.json").write_text('{"probes:t": "k"}')
+def test_an_ablation_starts_from_the_matched_run_or_from_one_run_before_it(tmp_path, monkeypatch):
+    """The probes are the same in every part, so an ablation copies whichever finished run there is, one of this
+    invocation included: at a new seed only the first ablation trains probes. The stand-in pipeline leaves what
+    the copy reads, a state.json, and records what each run directory held when its run began."""
+    began = {}
+
+    def pipeline(config):
+        out = Path(config.output_dir)
+        state = out / "state.json"
+        began[f"{out.parent.name}/{out.name}"] = state.read_text() if state.exists() else None
+        out.mkdir(parents=True, exist_ok=True)
+        state.write_text(f"{out.parent.name}/{out.name}")
+        return {}
+
+    monkeypatch.setattr(seesaw, "run_pipeline", pipeline)
     args = argparse.Namespace(
-        parts=["ablations"], task_set=None, pairs=None, model="smollm2-135m", ablations=["row_p0.05"]
+        parts=["ablations"],
+        task_set=None,
+        pairs=None,
+        model="smollm2-135m",
+        ablations=["row_p0.05", "probe_sparse", "column_p0.05"],
+        seeds=[0, 1],
     )
-    configs = seesaw.seed_configs(args, seesaw.SIZES["small"], seesaw.TASKS[:3], tmp_path, 0)
-    assert configs["ablation/row_p0.05"].regions.granularity == "row"
-    assert (tmp_path / "ablation-row_p0.05" / "state.json").read_text() == '{"probes:t": "k"}'
-    (tmp_path / "main").mkdir()
-    (tmp_path / "main" / "state.json").write_text("{}")
-    seesaw.seed_configs(args, seesaw.SIZES["small"], seesaw.TASKS[:3], tmp_path, 1)  # an existing run is kept
-    assert (tmp_path / "ablation-row_p0.05" / "state.json").read_text() == '{"probes:t": "k"}'
+    (tmp_path / "seed0" / "matched").mkdir(parents=True)
+    (tmp_path / "seed0" / "matched" / "state.json").write_text("seed0/matched")
+    (tmp_path / "seed1" / "ablation-probe_sparse").mkdir(parents=True)  # an existing run is kept as it is
+    (tmp_path / "seed1" / "ablation-probe_sparse" / "state.json").write_text("kept")
+    out = seesaw.runs(args, seesaw.SIZES["small"], seesaw.TASKS[:3], tmp_path)
+    assert list(out) == ["ablation/row_p0.05", "ablation/probe_sparse", "ablation/column_p0.05"]
+    assert began == {
+        "seed0/ablation-row_p0.05": "seed0/matched",
+        "seed0/ablation-probe_sparse": "seed0/matched",
+        "seed0/ablation-column_p0.05": "seed0/matched",
+        "seed1/ablation-row_p0.05": None,  # no finished run at seed 1: rows train the probes
+        "seed1/ablation-probe_sparse": "kept",
+        "seed1/ablation-column_p0.05": "seed1/ablation-row_p0.05",  # not from sparse probes: they differ
+    }
