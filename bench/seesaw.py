@@ -81,9 +81,9 @@ ABLATIONS = {
     # every stage also locks the later groups' cores (dense mode only: adapter mode rejects it); varies `dense`,
     # so without the hand-given groups `main` adds for its multistage_given baseline
     "dense_freeze_all": {**DENSE, "plan": {"freeze": "all", "groups": None}},
-    # structured cores (whole rows, columns, 64-blocks) at the p that serves element cores best so far, 5%;
-    # `p_0.05` is the element reference beside them
-    **{f"{g}_p0.05": {"regions": {"p": 0.05, "granularity": g}} for g in ("row", "column")},
+    # structured cores (whole rows, columns, 64-blocks) at the p that serves element cores best so far, 5%, beside
+    # element cores on the same probes (`p_0.05` without its baselines)
+    **{f"{g}_p0.05": {"regions": {"p": 0.05, "granularity": g}} for g in ("element", "row", "column")},
     "block64_p0.05": {"regions": {"p": 0.05, "granularity": "block", "block": 64}},
 }
 
@@ -193,7 +193,7 @@ def seed_configs(
     if "ablations" in args.parts:
         # the ablations that train the same probes as `main` can start from each other: the first one run at a
         # new seed trains them, the rest reuse them
-        same_probes = [n for n in args.ablations if not {"mode", "probe"} & set(ABLATIONS[n])]
+        same_probes = [n for n in ABLATIONS if not {"mode", "probe"} & set(ABLATIONS[n])]
         for name in args.ablations:
             dense = ABLATIONS[name].get("mode") == "dense"
             siblings = [base / f"ablation-{n}" for n in same_probes if n != name]
@@ -329,6 +329,7 @@ def report(name: str, entry: dict) -> tuple[list[str], dict]:
         for change, seeds in ablations.items():
             lines.append(f"| cpi_ft:{change} | {_mean_std([r['methods']['cpi_ft']['avg'] for r in seeds])} |")
         lines += overlap_section(work_root(name), {k: seeds_of[f"ablation/{k}"] for k in ablations})
+        lines += structured_section({k: runs[f"ablation/{k}"] for k in ablations})
     return lines + goals(aggregate), aggregate
 
 
@@ -364,6 +365,41 @@ def overlap_section(root: Path, seeds_of: dict[str, list[str]]) -> list[str]:
         return []
     head = ["", "Core overlap (mean pairwise Jaccard over seeds) and stages:", ""]
     return head + ["| change | Jaccard | chance | stages |", "|---|---|---|---|", *rows]
+
+
+def structured_section(ablations: dict[str, dict[str, dict]], element: str = "element_p0.05") -> list[str]:
+    """Structured cores against element cores at the same p, probes and eval items ({ablation: {seed: results}}):
+    CPI-FT's average per seed, its paired margin over element cores (95% bootstrap interval over the seeds both
+    ran and their items), and whether its mean lies within element cores' seed spread (mean - std), the goal."""
+    reference = ablations.get(element, {})
+    structured = [c for c in ablations if c != element and c.split("_p")[0] in ("row", "column", "block64")]
+    if not reference or not structured:
+        return []
+    avgs = [reference[k]["methods"]["cpi_ft"]["avg"] for k in sorted(reference, key=int)]
+    floor = statistics.mean(avgs) - (statistics.stdev(avgs) if len(avgs) > 1 else 0.0)
+    lines = [
+        "",
+        f"Structured cores against element cores on the same probes and eval items (`{element}`), points:",
+        "",
+        "| cores | seeds | CPI-FT avg | per seed | margin over element | 95% interval | within element's seed spread |",
+        "|---|---|---|---|---|---|---|",
+        f"| {element} | {len(avgs)} | {_mean_std(avgs)} | {', '.join(f'{100 * a:.1f}' for a in avgs)} | | | |",
+    ]
+    for change in structured:
+        seeds = sorted(ablations[change], key=int)
+        avgs = [ablations[change][k]["methods"]["cpi_ft"]["avg"] for k in seeds]
+        both = [k for k in seeds if k in reference]
+        pairs = [
+            (ablations[change][k]["methods"]["cpi_ft"]["items"], reference[k]["methods"]["cpi_ft"]["items"])
+            for k in both
+        ]
+        margin, low, high = bootstrap_margin(pairs) if pairs else (float("nan"),) * 3
+        inside = "yes" if statistics.mean(avgs) >= floor else "no"
+        lines.append(
+            f"| {change} | {len(seeds)} | {_mean_std(avgs)} | {', '.join(f'{100 * a:.1f}' for a in avgs)} "
+            f"| {100 * margin:+.1f} (seeds {', '.join(both)}) | [{100 * low:+.1f}, {100 * high:+.1f}] | {inside} |"
+        )
+    return lines
 
 
 def methods_section(title: str, seeds: list[dict]) -> tuple[list[str], dict]:

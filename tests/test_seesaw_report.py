@@ -193,3 +193,21 @@ def test_an_ablation_starts_from_the_matched_run_or_from_one_run_before_it(tmp_p
         "seed1/ablation-probe_sparse": "kept",
         "seed1/ablation-column_p0.05": "seed1/ablation-row_p0.05",  # not from sparse probes: they differ
     }
+
+
+def test_structured_cores_are_judged_against_element_cores_seed_spread():
+    """Element cores near 30, 32, 34 points (floor: mean - std, near 30); rows far under it on the same items,
+    columns at the element scores themselves (margin exactly 0, inside the spread); blocks ran one seed only."""
+    element = {str(s): _run(0.30 + 0.02 * s, {}, ["t"], s) for s in range(3)}
+    rows = {s: _run(0.1, {}, ["t"], 7 + int(s)) for s in element}
+    blocks = {"1": _run(0.5, {}, ["t"], 40)}
+    columns = element  # the same per-item scores
+    ablations = {"element_p0.05": element, "row_p0.05": rows, "column_p0.05": columns, "block64_p0.05": blocks}
+    ablations["p_0.001"] = rows  # an element-core ablation at another p: no row of this table
+    table = {r.split(" | ")[0].strip("| "): r for r in seesaw.structured_section(ablations) if r.startswith("| ")}
+    assert set(table) == {"cores", "element_p0.05", "row_p0.05", "column_p0.05", "block64_p0.05"}
+    assert table["row_p0.05"].endswith("| no |") and "(seeds 0, 1, 2) | [-" in table["row_p0.05"]
+    assert "| +0.0 (seeds 0, 1, 2) | [+0.0, +0.0] | yes |" in table["column_p0.05"]
+    assert table["block64_p0.05"].startswith("| block64_p0.05 | 1 |") and "(seeds 1)" in table["block64_p0.05"]
+    assert table["block64_p0.05"].endswith("| yes |")
+    assert seesaw.structured_section({"row_p0.05": rows}) == []  # no element reference, no table
