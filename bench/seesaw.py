@@ -369,36 +369,42 @@ def overlap_section(root: Path, seeds_of: dict[str, list[str]]) -> list[str]:
 
 def structured_section(ablations: dict[str, dict[str, dict]], element: str = "element_p0.05") -> list[str]:
     """Structured cores against element cores at the same p, probes and eval items ({ablation: {seed: results}}):
-    CPI-FT's average per seed, its paired margin over element cores (95% bootstrap interval over the seeds both
-    ran and their items), and whether its mean lies within element cores' seed spread (mean - std), the goal."""
+    CPI-FT's per-task and average scores (seed means) and average per seed, its paired margin over element cores
+    (95% bootstrap interval over the seeds both ran and their items), and whether its mean lies within element
+    cores' seed spread (mean - std), the goal."""
     reference = ablations.get(element, {})
     structured = [c for c in ablations if c != element and c.split("_p")[0] in ("row", "column", "block64")]
     if not reference or not structured:
         return []
-    avgs = [reference[k]["methods"]["cpi_ft"]["avg"] for k in sorted(reference, key=int)]
+    tasks = list(next(iter(reference.values()))["methods"]["cpi_ft"]["tasks"])
+
+    def scores(change: str) -> tuple[list[str], list[float], str]:
+        runs = [ablations[change][k]["methods"]["cpi_ft"] for k in sorted(ablations[change], key=int)]
+        avgs = [r["avg"] for r in runs]
+        cells = [f"{100 * statistics.mean(r['tasks'][t] for r in runs):.1f}" for t in tasks]
+        row = f"| {change} | {len(runs)} | {' | '.join(cells)} | {_mean_std(avgs)} | "
+        return sorted(ablations[change], key=int), avgs, row + ", ".join(f"{100 * a:.1f}" for a in avgs)
+
+    _, avgs, row = scores(element)
     floor = statistics.mean(avgs) - (statistics.stdev(avgs) if len(avgs) > 1 else 0.0)
     lines = [
         "",
         f"Structured cores against element cores on the same probes and eval items (`{element}`), points:",
         "",
-        "| cores | seeds | CPI-FT avg | per seed | margin over element | 95% interval | within element's seed spread |",
-        "|---|---|---|---|---|---|---|",
-        f"| {element} | {len(avgs)} | {_mean_std(avgs)} | {', '.join(f'{100 * a:.1f}' for a in avgs)} | | | |",
+        f"| cores | seeds | {' | '.join(tasks)} | avg | per seed | margin over element | 95% interval | within "
+        "element's seed spread |",
+        "|---" * (len(tasks) + 7) + "|",
+        row + " | | | |",
     ]
     for change in structured:
-        seeds = sorted(ablations[change], key=int)
-        avgs = [ablations[change][k]["methods"]["cpi_ft"]["avg"] for k in seeds]
+        seeds, avgs, row = scores(change)
         both = [k for k in seeds if k in reference]
-        pairs = [
-            (ablations[change][k]["methods"]["cpi_ft"]["items"], reference[k]["methods"]["cpi_ft"]["items"])
-            for k in both
-        ]
+        pairs = [(ablations[change][k], reference[k]) for k in both]
+        pairs = [(a["methods"]["cpi_ft"]["items"], b["methods"]["cpi_ft"]["items"]) for a, b in pairs]
         margin, low, high = bootstrap_margin(pairs) if pairs else (float("nan"),) * 3
         inside = "yes" if statistics.mean(avgs) >= floor else "no"
-        lines.append(
-            f"| {change} | {len(seeds)} | {_mean_std(avgs)} | {', '.join(f'{100 * a:.1f}' for a in avgs)} "
-            f"| {100 * margin:+.1f} (seeds {', '.join(both)}) | [{100 * low:+.1f}, {100 * high:+.1f}] | {inside} |"
-        )
+        paired = f"{100 * margin:+.1f} (seeds {', '.join(both)}) | [{100 * low:+.1f}, {100 * high:+.1f}]"
+        lines.append(f"{row} | {paired} | {inside} |")
     return lines
 
 
