@@ -367,23 +367,29 @@ def overlap_section(root: Path, seeds_of: dict[str, list[str]]) -> list[str]:
     return head + ["| change | Jaccard | chance | stages |", "|---|---|---|---|", *rows]
 
 
+def granularity(ablation: str) -> str:
+    """The core granularity an ablation sets (`element` unless its regions say otherwise)."""
+    return ABLATIONS.get(ablation, {}).get("regions", {}).get("granularity", "element")
+
+
 def structured_section(ablations: dict[str, dict[str, dict]], element: str = "element_p0.05") -> list[str]:
     """Structured cores against element cores at the same p, probes and eval items ({ablation: {seed: results}}):
     CPI-FT's per-task and average scores (seed means) and average per seed, its paired margin over element cores
     (95% bootstrap interval over the seeds both ran and their items), and whether its mean lies within element
     cores' seed spread (mean - std), the goal."""
     reference = ablations.get(element, {})
-    structured = [c for c in ablations if c != element and c.split("_p")[0] in ("row", "column", "block64")]
+    structured = [c for c in ablations if c != element and granularity(c) != "element"]
     if not reference or not structured:
         return []
-    tasks = list(next(iter(reference.values()))["methods"]["cpi_ft"]["tasks"])
+    tasks = list(next(iter(reference.values()))["majority"])  # main_table's order
 
     def scores(change: str) -> tuple[list[str], list[float], str]:
-        runs = [ablations[change][k]["methods"]["cpi_ft"] for k in sorted(ablations[change], key=int)]
-        avgs = [r["avg"] for r in runs]
-        cells = [f"{100 * statistics.mean(r['tasks'][t] for r in runs):.1f}" for t in tasks]
-        row = f"| {change} | {len(runs)} | {' | '.join(cells)} | {_mean_std(avgs)} | "
-        return sorted(ablations[change], key=int), avgs, row + ", ".join(f"{100 * a:.1f}" for a in avgs)
+        seeds = sorted(ablations[change], key=int)
+        _, table = main_table([ablations[change][k] for k in seeds])
+        cpi = table["cpi_ft"]
+        cells = [f"{100 * statistics.mean(cpi['tasks'][t]):.1f}" for t in tasks]
+        row = f"| {change} | {len(seeds)} | {' | '.join(cells)} | {_mean_std(cpi['avg'])} | "
+        return seeds, cpi["avg"], row + ", ".join(f"{100 * a:.1f}" for a in cpi["avg"])
 
     _, avgs, row = scores(element)
     floor = statistics.mean(avgs) - (statistics.stdev(avgs) if len(avgs) > 1 else 0.0)
