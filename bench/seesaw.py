@@ -152,13 +152,16 @@ def seed_configs(
     configs: dict[str, Recipe] = {}
     starts: dict[str, list[Path]] = {}
     main = {"plan": {"seed": seed, "groups": given}}  # the hand-given grouping of multistage_given
+    # the runs that train the same probes as `main` can start from each other: the first one run at a new seed
+    # trains them, the rest reuse them
+    same_probes = [base / f"ablation-{n}" for n in ABLATIONS if not {"mode", "probe"} & set(ABLATIONS[n])]
     if "main" in args.parts:
         baselines = [*STAGED, "lora_multitask"]
         configs["main"] = recipe(size, tasks, seed, base / "main", args.model, baselines=baselines, **main)
     if "matched" in args.parts:
         # another p than the default's is its own run (`matched-p<p>`), started from the default's: probes reused
         name = matched_name(args.matched_p)
-        starts[name] = [base / "matched", base / "main"]
+        starts[name] = [base / "matched", base / "main", *same_probes]
         configs[name] = recipe(
             size,
             tasks,
@@ -191,12 +194,9 @@ def seed_configs(
                 eval={"stages": True},
             )
     if "ablations" in args.parts:
-        # the ablations that train the same probes as `main` can start from each other: the first one run at a
-        # new seed trains them, the rest reuse them
-        same_probes = [n for n in ABLATIONS if not {"mode", "probe"} & set(ABLATIONS[n])]
         for name in args.ablations:
             dense = ABLATIONS[name].get("mode") == "dense"
-            siblings = [base / f"ablation-{n}" for n in same_probes if n != name]
+            siblings = [run for run in same_probes if run.name != f"ablation-{name}"]
             starts[f"ablation/{name}"] = [base / "dense"] if dense else [base / "main", base / "matched", *siblings]
             changes = _merge(main, ABLATIONS[name])
             configs[f"ablation/{name}"] = recipe(size, tasks, seed, base / f"ablation-{name}", args.model, **changes)
@@ -228,9 +228,9 @@ def p_section(runs: dict[str, list[dict]]) -> list[str]:
 
 
 def _start_from(out_dir: Path, *runs: Path) -> None:
-    """A new run directory starts as a copy of the first finished run of `runs` it varies (`main`, `dense`, or
-    `matched`, which trains the same probes): the pipeline keeps what its recipe hashes say is the same (probes,
-    their scores, often cores and plan) and redoes the rest."""
+    """A new run directory starts as a copy of the first finished run of `runs` it varies (`main`, `dense`,
+    `matched` or an ablation that trains the same probes): the pipeline keeps what its recipe hashes say is the
+    same (probes, their scores, often cores and plan) and redoes the rest."""
     done = [run for run in runs if (run / "state.json").exists()]
     if not out_dir.exists() and done:
         shutil.copytree(done[0], out_dir)

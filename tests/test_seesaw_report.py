@@ -156,10 +156,9 @@ def test_each_core_size_p_of_matched_is_its_own_run_and_row(tmp_path):
     assert seesaw.p_section({"matched": runs["matched"]}) == []
 
 
-def test_an_ablation_starts_from_the_matched_run_or_from_one_run_before_it(tmp_path, monkeypatch):
-    """The probes are the same in every part, so an ablation copies whichever finished run there is, one of this
-    invocation included: at a new seed only the first ablation trains probes. The stand-in pipeline leaves what
-    the copy reads, a state.json, and records what each run directory held when its run began."""
+def _record_run_starts(monkeypatch) -> dict[str, str | None]:
+    """A stand-in pipeline that leaves what a copy reads, a state.json, and records what each run directory held
+    when its run began."""
     began = {}
 
     def pipeline(config):
@@ -171,6 +170,13 @@ def test_an_ablation_starts_from_the_matched_run_or_from_one_run_before_it(tmp_p
         return {}
 
     monkeypatch.setattr(seesaw, "run_pipeline", pipeline)
+    return began
+
+
+def test_an_ablation_starts_from_the_matched_run_or_from_one_run_before_it(tmp_path, monkeypatch):
+    """The probes are the same in every part, so an ablation copies whichever finished run there is, one of this
+    invocation included: at a new seed only the first ablation trains probes."""
+    began = _record_run_starts(monkeypatch)
     args = argparse.Namespace(
         parts=["ablations"],
         task_set=None,
@@ -193,6 +199,26 @@ def test_an_ablation_starts_from_the_matched_run_or_from_one_run_before_it(tmp_p
         "seed1/ablation-probe_sparse": "kept",
         "seed1/ablation-column_p0.05": "seed1/ablation-row_p0.05",  # not from sparse probes: they differ
     }
+
+
+def test_the_matched_run_starts_from_an_ablation_on_the_same_probes(tmp_path, monkeypatch):
+    """At a seed whose ablations ran first, `matched` reuses their probes (and element cores' CPI-FT at its p);
+    a sparse-probe ablation, listed before them, trains other probes and is passed over."""
+    began = _record_run_starts(monkeypatch)
+    args = argparse.Namespace(
+        parts=["matched"],
+        task_set=None,
+        pairs=None,
+        model="smollm2-135m",
+        matched_p=seesaw.MATCHED_P,
+        matched_baselines=seesaw.MATCHED,
+        seeds=[2],
+    )
+    for run in ("ablation-probe_sparse", "ablation-element_p0.05"):
+        (tmp_path / "seed2" / run).mkdir(parents=True)
+        (tmp_path / "seed2" / run / "state.json").write_text(f"seed2/{run}")
+    assert list(seesaw.runs(args, seesaw.SIZES["small"], seesaw.TASKS[:3], tmp_path)) == ["matched"]
+    assert began == {"seed2/matched": "seed2/ablation-element_p0.05"}
 
 
 def test_structured_cores_are_judged_against_element_cores_seed_spread():
