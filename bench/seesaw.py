@@ -38,7 +38,7 @@ import torch
 from peft_isolate._io import load_json, save_json, write_atomic
 from peft_isolate.evaluate import plot_scores
 from peft_isolate.pipeline import run_pipeline
-from peft_isolate.recipe import Recipe
+from peft_isolate.recipe import Recipe, RegionSpec
 
 RESULTS = Path(__file__).parent / "results"
 WORK = Path(__file__).parent / "_work" / "seesaw"
@@ -70,6 +70,7 @@ ABLATIONS = {
     "tau_0": {"plan": {"tau": 0.0}},
     "tau_0.5": {"plan": {"tau": 0.5}},
     "p_0.001": {"regions": {"p": 0.001}},
+    "p_auto": {"regions": {"p": "auto"}},  # beside `unchanged` (1%) and `element_p0.05`: whether auto earns the default
     # the staged baselines train the union of the cores, which p and the probe method change: beside these
     # variants the baselines run again, on the variant's own cores
     "p_0.05": {"regions": {"p": 0.05}, "baselines": STAGED},
@@ -213,17 +214,52 @@ def p_label(config: str) -> str:
     return config.removeprefix("matched-p") if config != "matched" else f"{MATCHED_P:g}"
 
 
-def p_section(runs: dict[str, list[dict]]) -> list[str]:
-    """CPI-FT's average at each p of the `matched` runs ({config: per-seed results}) and the p that `auto` chose
-    per seed: `auto` becomes the recipe default only if it scores at least the better fixed p's seed mean."""
-    if len(runs) < 2:
+def core_size(config: str) -> str | None:
+    """The p label of a config whose CPI-FT differs from `main`'s at most in its element cores' size (`main`, a
+    `matched` run, a p ablation), else None; `auto` stays `auto`."""
+    if config.split("-")[0] == "matched":
+        return p_label(config)
+    name = "unchanged" if config == "main" else config.removeprefix("ablation/")
+    change = ABLATIONS.get(name) if config == "main" or config.startswith("ablation/") else None
+    if change is None or set(change) - {"regions", "baselines"} or granularity(name) != "element":
+        return None
+    p = change.get("regions", {}).get("p", RegionSpec.model_fields["p"].default)
+    return f"{p:g}" if isinstance(p, float) else p
+
+
+def p_section(runs: dict[str, dict[str, dict]]) -> list[str]:
+    """CPI-FT's average at each core size p ({config: {seed: results}}: `matched` runs and p ablations, one run per
+    seed and p) and the p that `auto` chose per seed, then the rule for the recipe default: `auto` becomes it only
+    if, on the seeds all three ran, it scores at least the better seed mean of 1% and 5%."""
+    by_p: dict[str, dict[str, dict]] = {}
+    for config, seeds in runs.items():
+        if (p := core_size(config)) is not None:
+            for k, r in seeds.items():  # a seed's CPI-FT at one p is the same run in every config that holds it
+                by_p.setdefault(p, {}).setdefault(k, r)
+    if len(by_p) < 2:
         return []
-    lines = ["", "CPI-FT's average at each core size p (matched runs):", "", "| p | seeds | avg | p used per seed |"]
-    lines.append("|---|---|---|---|")
-    for config, seeds in sorted(runs.items()):
-        used = ", ".join(f"{r['meta']['core size p']:g}" for r in seeds)
-        avgs = [r["methods"]["cpi_ft"]["avg"] for r in seeds]
-        lines.append(f"| {p_label(config)} | {len(seeds)} | {_mean_std(avgs)} | {used} |")
+    lines = ["", "CPI-FT's average at each core size p (the same probes):", ""]
+    lines += ["| p | seeds | avg | per seed | p used per seed |", "|---|---|---|---|---|"]
+    for p in sorted(by_p, key=lambda p: (p == "auto", 0.0 if p == "auto" else float(p))):
+        ordered = [by_p[p][k] for k in sorted(by_p[p], key=int)]
+        avgs = [r["methods"]["cpi_ft"]["avg"] for r in ordered]
+        per_seed = ", ".join(f"{100 * a:.1f}" for a in avgs)
+        used = ", ".join(f"{r['meta']['core size p']:g}" if "meta" in r else "-" for r in ordered)  # older: none
+        lines.append(f"| {p} | {len(ordered)} | {_mean_std(avgs)} | {per_seed} | {used} |")
+    if not {"auto", "0.01", "0.05"} <= set(by_p):
+        return lines
+    compared = ("auto", "0.01", "0.05")
+    common = sorted(set.intersection(*(set(by_p[p]) for p in compared)), key=int)
+    if not common:
+        return lines
+    mean = {p: statistics.mean(by_p[p][k]["methods"]["cpi_ft"]["avg"] for k in common) for p in compared}
+    better = max(("0.01", "0.05"), key=mean.get)
+    verdict = "earns the recipe default" if mean["auto"] >= mean[better] else "does not earn the recipe default"
+    lines += [
+        "",
+        f"On seeds {', '.join(common)}: `auto` {100 * mean['auto']:.1f} against p = {better} (the better fixed p) "
+        f"{100 * mean[better]:.1f}, so `auto` {verdict}.",
+    ]
     return lines
 
 
@@ -303,7 +339,7 @@ def report(name: str, entry: dict) -> tuple[list[str], dict]:
         lines += ["", *section, *margins_section(out[config])]
         lines += ["", f"Optimizer steps (seed {seeds_of[config][0]}): " + json.dumps(steps)]
         lines += goals({"methods": methods})
-    lines += p_section(matched)
+    lines += p_section(runs)
     forgetting = {k.split("/", 1)[1]: v for k, v in out.items() if k.startswith("forgetting/")}
     if forgetting:
         lines += [

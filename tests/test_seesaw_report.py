@@ -144,16 +144,35 @@ def test_each_core_size_p_of_matched_is_its_own_run_and_row(tmp_path):
         ablations=[],
     )
     configs, starts = seesaw.seed_configs(args, seesaw.SIZES["small"], seesaw.TASKS[:3], tmp_path, 0)
-    assert starts["matched-pauto"] == [tmp_path / "matched", tmp_path / "main"]  # the probes reused
+    assert starts["matched-pauto"][:2] == [tmp_path / "matched", tmp_path / "main"]  # the probes reused
     assert list(configs) == ["matched-pauto"] and configs["matched-pauto"].regions.p == "auto"
     assert Path(configs["matched-pauto"].output_dir) == tmp_path / "matched-pauto"
     assert [seesaw.matched_name(p) for p in (0.05, 0.01)] == ["matched", "matched-p0.01"]
-    runs = {}
-    for config, p, rate in (("matched", 0.05, 0.3), ("matched-p0.01", 0.01, 0.2), ("matched-pauto", 0.02, 0.4)):
-        runs[config] = [{**_run(rate, {}, ["t"], s), "meta": {"core size p": p}} for s in (0, 1)]
-    rows = {r.split(" | ")[0].strip("| "): r for r in seesaw.p_section(runs) if r.startswith("| ")}
-    assert rows["auto"].endswith("| 0.02, 0.02 |") and rows["0.05"].startswith("| 0.05 | 2 | ")
-    assert seesaw.p_section({"matched": runs["matched"]}) == []
+
+
+def _at_p(rate: float, p: float, seeds) -> dict[str, dict]:
+    return {str(s): {**_run(rate, {}, ["t"], s), "meta": {"core size p": p}} for s in seeds}
+
+
+def test_auto_earns_the_default_only_at_or_above_the_better_fixed_p():
+    """CPI-FT at 1% (`main`), 5% (`matched`, and the same run again as `element_p0.05`), auto (an ablation): one row
+    per p, whatever config holds it; rows and blocks are no p's row. The rule compares the seeds all three ran."""
+    runs = {
+        "main": _at_p(0.2, 0.01, (0, 1, 2)),
+        "matched": _at_p(0.3, 0.05, (0, 1)),
+        "ablation/row_p0.05": _at_p(0.9, 0.05, (0, 1)),
+        "ablation/p_auto": _at_p(0.4, 0.02, (0, 1)),
+    }
+    runs["ablation/element_p0.05"] = {**runs["matched"], "2": _at_p(0.3, 0.05, (2,))["2"]}
+    lines = seesaw.p_section(runs)
+    rows = {r.split(" | ")[0].strip("| "): r for r in lines if r.startswith("| ")}
+    assert set(rows) == {"p", "0.01", "0.05", "auto"}
+    assert rows["auto"].endswith("| 0.02, 0.02 |") and rows["0.05"].startswith("| 0.05 | 3 | ")
+    assert [r.split(" | ")[0] for r in lines if r.startswith("| 0")] == ["| 0.01", "| 0.05"]  # auto last
+    assert lines[-1].startswith("On seeds 0, 1: `auto` ") and lines[-1].endswith("so `auto` earns the recipe default.")
+    runs["ablation/p_auto"] = _at_p(0.25, 0.02, (0, 1))  # between 1% and 5%: under the better one
+    assert seesaw.p_section(runs)[-1].endswith("does not earn the recipe default.")
+    assert seesaw.p_section({"matched": runs["matched"], "ablation/element_p0.05": runs["matched"]}) == []
 
 
 def _record_run_starts(monkeypatch) -> dict[str, str | None]:
