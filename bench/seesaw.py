@@ -605,7 +605,8 @@ def write_results(saved: dict) -> str:
     return text
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with the defaults that depend on the size filled in."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=list(SIZES), default="full")
     p.add_argument("--quick", action="store_const", const="quick", dest="size", help="same as --size quick")
@@ -633,9 +634,14 @@ def main() -> None:
         "--matched-p", type=lambda v: v if v == "auto" else float(v), default=MATCHED_P, help="core size p of `matched`"
     )
     p.add_argument("--task-set", type=int, metavar="K", help="the K-th task set bench/screen.py drew (default: ours)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.seeds = args.seeds or ([0, 1, 2] if args.size == "full" else [0])
     args.parts = args.parts or (["main"] if args.size == "quick" else parts)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     size, name = SIZES[args.size], args.size
     if args.eval_items:  # the same runs rescored: their own section, so the tables of each item count stay whole
         size, name = {**size, "eval_items": args.eval_items}, f"{args.size}-eval{args.eval_items}"

@@ -3,7 +3,6 @@ the task sets bench/screen.py draws, and their pooled report."""
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 from pathlib import Path
@@ -15,6 +14,11 @@ import seesaw  # noqa: E402
 from seesaw import bootstrap_margin, margins_section, pooled_section  # noqa: E402
 
 from peft_isolate._io import save_json  # noqa: E402
+
+
+def _args(command: str):
+    """seesaw.py's command line as its parser reads it, defaults filled in."""
+    return seesaw.parse_args(command.split())
 
 
 def _items(p: float, n: int, seed: int) -> list[float]:
@@ -110,16 +114,7 @@ def test_task_sets_pool_into_margins_sign_counts_and_goals():
 
 def test_a_task_set_runs_its_drawn_tasks_in_their_own_directories(tmp_path, monkeypatch):
     monkeypatch.setattr(seesaw, "SCREENED", tmp_path / "screen.json")
-    args = argparse.Namespace(
-        parts=["matched", "forgetting"],
-        task_set=1,
-        pairs=None,
-        model="smollm2-135m",
-        matched_p=0.05,
-        matched_baselines=["multitask_matched"],
-        forgetting_p=None,
-        ablations=[],
-    )
+    args = _args("--parts matched forgetting --task-set 1 --matched-baselines multitask_matched")
     with pytest.raises(SystemExit, match="bench/screen.py --sets 2"):
         seesaw.drawn_set(1)
     save_json({"sets": [["a", "b", "c"], ["x", "y", "z"]]}, tmp_path / "screen.json")
@@ -133,16 +128,7 @@ def test_a_task_set_runs_its_drawn_tasks_in_their_own_directories(tmp_path, monk
 
 
 def test_each_core_size_p_of_matched_is_its_own_run_and_row(tmp_path):
-    args = argparse.Namespace(
-        parts=["matched"],
-        task_set=None,
-        pairs=None,
-        model="smollm2-135m",
-        matched_p="auto",
-        matched_baselines=["multitask_matched"],
-        forgetting_p=None,
-        ablations=[],
-    )
+    args = _args("--parts matched --matched-p auto --matched-baselines multitask_matched")
     configs, starts = seesaw.seed_configs(args, seesaw.SIZES["small"], seesaw.TASKS[:3], tmp_path, 0)
     assert starts["matched-pauto"][:2] == [tmp_path / "matched", tmp_path / "main"]  # the probes reused
     assert list(configs) == ["matched-pauto"] and configs["matched-pauto"].regions.p == "auto"
@@ -196,14 +182,7 @@ def test_an_ablation_starts_from_the_matched_run_or_from_one_run_before_it(tmp_p
     """The probes are the same in every part, so an ablation copies whichever finished run there is, one of this
     invocation included: at a new seed only the first ablation trains probes."""
     began = _record_run_starts(monkeypatch)
-    args = argparse.Namespace(
-        parts=["ablations"],
-        task_set=None,
-        pairs=None,
-        model="smollm2-135m",
-        ablations=["row_p0.05", "probe_sparse", "column_p0.05"],
-        seeds=[0, 1],
-    )
+    args = _args("--parts ablations --ablations row_p0.05 probe_sparse column_p0.05 --seeds 0 1")
     (tmp_path / "seed0" / "matched").mkdir(parents=True)
     (tmp_path / "seed0" / "matched" / "state.json").write_text("seed0/matched")
     (tmp_path / "seed1" / "ablation-probe_sparse").mkdir(parents=True)  # an existing run is kept as it is
@@ -224,15 +203,7 @@ def test_the_matched_run_starts_from_an_ablation_on_the_same_probes(tmp_path, mo
     """At a seed whose ablations ran first, `matched` reuses their probes (and element cores' CPI-FT at its p);
     a sparse-probe ablation, listed before them, trains other probes and is passed over."""
     began = _record_run_starts(monkeypatch)
-    args = argparse.Namespace(
-        parts=["matched"],
-        task_set=None,
-        pairs=None,
-        model="smollm2-135m",
-        matched_p=seesaw.MATCHED_P,
-        matched_baselines=seesaw.MATCHED,
-        seeds=[2],
-    )
+    args = _args("--parts matched --seeds 2")
     for run in ("ablation-probe_sparse", "ablation-element_p0.05"):
         (tmp_path / "seed2" / run).mkdir(parents=True)
         (tmp_path / "seed2" / run / "state.json").write_text(f"seed2/{run}")
