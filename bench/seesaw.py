@@ -234,8 +234,10 @@ def p_section(runs: dict[str, dict[str, dict]]) -> list[str]:
     by_p: dict[str, dict[str, dict]] = {}
     for config, seeds in runs.items():
         if (p := core_size(config)) is not None:
-            for k, r in seeds.items():  # a seed's CPI-FT at one p is the same run in every config that holds it
-                by_p.setdefault(p, {}).setdefault(k, r)
+            into = by_p.setdefault(p, {})
+            for k, r in seeds.items():  # one run per seed and p: one that records its p (the current pipeline's)
+                if k not in into or ("meta" in r and "meta" not in into[k]):
+                    into[k] = r
     if len(by_p) < 2:
         return []
     lines = ["", "CPI-FT's average at each core size p (the same probes):", ""]

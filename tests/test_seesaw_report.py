@@ -144,6 +144,7 @@ def test_auto_earns_the_default_only_at_or_above_the_better_fixed_p():
     """CPI-FT at 1% (`main`), 5% (`matched`, and the same run again as `element_p0.05`), auto (an ablation): one row
     per p, whatever config holds it; rows and blocks are no p's row. The rule compares the seeds all three ran."""
     runs = {
+        "ablation/p_0.05": {"0": _run(0.9, {}, ["t"], 0)},  # an older run at 5%, its p not recorded: passed over
         "main": _at_p(0.2, 0.01, (0, 1, 2)),
         "matched": _at_p(0.3, 0.05, (0, 1)),
         "ablation/row_p0.05": _at_p(0.9, 0.05, (0, 1)),
