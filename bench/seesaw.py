@@ -219,8 +219,10 @@ def core_size(config: str) -> str | None:
     `matched` run, a p ablation), else None; `auto` stays `auto`."""
     if config.split("-")[0] == "matched":
         return p_label(config)
+    if config != "main" and not config.startswith("ablation/"):
+        return None
     name = "unchanged" if config == "main" else config.removeprefix("ablation/")
-    change = ABLATIONS.get(name) if config == "main" or config.startswith("ablation/") else None
+    change = ABLATIONS.get(name)
     if change is None or set(change) - {"regions", "baselines"} or granularity(name) != "element":
         return None
     p = change.get("regions", {}).get("p", RegionSpec.model_fields["p"].default)
@@ -248,10 +250,8 @@ def p_section(runs: dict[str, dict[str, dict]]) -> list[str]:
         per_seed = ", ".join(f"{100 * a:.1f}" for a in avgs)
         used = ", ".join(f"{r['meta']['core size p']:g}" if "meta" in r else "-" for r in ordered)  # older: none
         lines.append(f"| {p} | {len(ordered)} | {_mean_std(avgs)} | {per_seed} | {used} |")
-    if not {"auto", "0.01", "0.05"} <= set(by_p):
-        return lines
     compared = ("auto", "0.01", "0.05")
-    common = sorted(set.intersection(*(set(by_p[p]) for p in compared)), key=int)
+    common = sorted(set.intersection(*(set(by_p.get(p, {})) for p in compared)), key=int)
     if not common:
         return lines
     mean = {p: statistics.mean(by_p[p][k]["methods"]["cpi_ft"]["avg"] for k in common) for p in compared}
