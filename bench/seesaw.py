@@ -275,14 +275,34 @@ def _start_from(out_dir: Path, *runs: Path) -> None:
 
 
 def merged(saved: dict, name: str, size: dict, out: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict]]:
-    """This invocation's runs on top of those already in seesaw.json for the same size, so the parts and seeds
-    can be run one invocation at a time and the report shows them all."""
+    """This invocation's runs on top of those already in seesaw.json for the same size, so the parts, seeds and
+    baselines can be run one invocation at a time and the report shows them all."""
     entry = saved["sizes"].get(name, {})
     runs = entry.get("runs", {}) if entry.get("size") == size else {}
     runs = {config: dict(seeds) for config, seeds in runs.items()}
     for config, seeds in out.items():
-        runs.setdefault(config, {}).update(seeds)
+        for seed, result in seeds.items():
+            runs.setdefault(config, {})[seed] = merged_run(runs[config].get(seed), result, f"{config} seed {seed}")
     return runs
+
+
+def merged_run(old: dict | None, new: dict, label: str) -> dict:
+    """`new`, keeping the methods of `old` it did not run when both trained the same probes (equal per-item probe
+    scores): a baseline added in a later session then joins its seed's run instead of dropping the others."""
+    if old is None:
+        return new
+    kept = sorted(set(old["methods"]) - set(new["methods"]))
+    if not kept:
+        return new
+    probes = [run["methods"].get("probe", {}).get("items") for run in (old, new)]
+    if probes[0] is None or probes[0] != probes[1]:
+        print(f"[seesaw] {label}: other probes than the saved run's, so its {', '.join(kept)} are dropped")
+        return new
+    meta = {**old.get("meta", {}), **new.get("meta", {})}
+    steps = {**old.get("meta", {}).get("optimizer steps", {}), **new.get("meta", {}).get("optimizer steps", {})}
+    if steps:
+        meta["optimizer steps"] = steps
+    return {**old, **new, "methods": {**old["methods"], **new["methods"]}, **({"meta": meta} if meta else {})}
 
 
 def _mean_std(values: list[float]) -> str:
