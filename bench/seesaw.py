@@ -86,7 +86,11 @@ ABLATIONS = {
     # element cores on the same probes (`p_0.05` without its baselines)
     **{f"{g}_p0.05": {"regions": {"p": 0.05, "granularity": g}} for g in ("element", "row", "column")},
     "block64_p0.05": {"regions": {"p": 0.05, "granularity": "block", "block": 64}},
+    # larger stages at the same whole budget as `matched`'s CPI-FT (issue #21: what would win it): at the small size
+    # a quarter of the probe steps, the rest to the stages, 3 x 10 + 3 x 70 = 3 x 40 + 3 x 40 when there are three
+    "short_probes_p0.05": {"regions": {"p": 0.05}, "probe": {"steps": 10}, "stages": {"steps": 70}},
 }
+REBALANCED = "short_probes_p0.05"
 
 
 def recipe(size: dict, tasks: list[str], seed: int, out: Path, model: str, **changes) -> Recipe:
@@ -388,6 +392,7 @@ def report(name: str, entry: dict) -> tuple[list[str], dict]:
             lines.append(f"| cpi_ft:{change} | {_mean_std([r['methods']['cpi_ft']['avg'] for r in seeds])} |")
         lines += overlap_section(work_root(name), {k: seeds_of[f"ablation/{k}"] for k in ablations})
         lines += structured_section({k: runs[f"ablation/{k}"] for k in ablations})
+    lines += rebalanced_section(runs)
     return lines + goals(aggregate), aggregate
 
 
@@ -470,6 +475,24 @@ def structured_section(ablations: dict[str, dict[str, dict]], element: str = "el
         paired = f"{100 * margin:+.1f} (seeds {', '.join(both)}) | [{100 * low:+.1f}, {100 * high:+.1f}]"
         lines.append(f"{row} | {paired} | {inside} |")
     return lines
+
+
+def rebalanced_section(runs: dict[str, dict[str, dict]]) -> list[str]:
+    """CPI-FT with short probes and long stages against `matched`'s baselines and its CPI-FT on the seeds both ran:
+    whether CPI-FT wins the matched comparison when less of its budget goes to the probes."""
+    ablation, matched = runs.get(f"ablation/{REBALANCED}", {}), runs.get("matched", {})
+    seeds = sorted(set(ablation) & set(matched), key=int)
+    if not seeds:
+        return []
+    combined = []
+    for k in seeds:
+        methods = {("cpi_ft (probes 40)" if m == "cpi_ft" else m): r for m, r in matched[k]["methods"].items()}
+        combined.append({"methods": {**methods, "cpi_ft": ablation[k]["methods"]["cpi_ft"]}})
+    steps = {k: ablation[k].get("meta", {}).get("optimizer steps", {}).get("cpi_ft parts") for k in seeds}
+    avg = _mean_std([r["methods"]["cpi_ft"]["avg"] for r in combined])
+    lines = ["", f"### Larger stages at the same budget (`{REBALANCED}` against `matched`, seeds {', '.join(seeds)})"]
+    lines += ["", f"CPI-FT with 10-step probes: {avg}; its optimizer steps per seed: {json.dumps(steps)}."]
+    return lines + margins_section(combined)
 
 
 def methods_section(title: str, seeds: list[dict]) -> tuple[list[str], dict]:

@@ -4,6 +4,7 @@ the task sets bench/screen.py draws, and their pooled report."""
 from __future__ import annotations
 
 import random
+import statistics
 import sys
 from pathlib import Path
 
@@ -255,3 +256,27 @@ def test_a_baseline_run_later_joins_its_seeds_run_on_the_same_probes_only():
     assert runs["main"]["0"] is first  # other configs untouched
     other = run({"cpi_ft": 0.28}, [0.0, 1.0], {"cpi_ft": 240})  # other probes: the old baselines belong to other cores
     assert seesaw.merged(saved, "small", size, {"matched": {"0": other}})["matched"]["0"] is other
+
+
+def test_larger_stages_spend_the_matched_budget_and_are_judged_against_its_baselines(tmp_path):
+    size = seesaw.SIZES["small"]
+    args = _args(f"--parts ablations --ablations {seesaw.REBALANCED}")
+    configs, _ = seesaw.seed_configs(args, size, seesaw.TASKS[:3], tmp_path, 0)
+    rebalanced = configs[f"ablation/{seesaw.REBALANCED}"]
+    # three tasks, three stages: the whole budget equals `matched`'s CPI-FT (probes plus stages)
+    assert 3 * rebalanced.probe.steps + 3 * rebalanced.stages.steps == 3 * size["probe"] + 3 * size["stage"]
+    assert rebalanced.probe.steps < size["probe"] and rebalanced.regions.p == seesaw.MATCHED_P
+
+    def run(methods: dict[str, float], seed: int) -> dict:
+        items = {m: {"t": _items(v, 200, seed + i)} for i, (m, v) in enumerate(methods.items())}
+        scored = {m: {"avg": statistics.mean(items[m]["t"]), "items": items[m]} for m in methods}
+        return {"methods": scored, "meta": {"optimizer steps": {"cpi_ft parts": {"probes": 30, "stages": 210}}}}
+
+    matched = {str(k): run({"cpi_ft": 0.3, "multitask_matched": 0.33}, 10 * k) for k in range(3)}
+    ablation = {str(k): run({"cpi_ft": 0.6}, 10 * k + 5) for k in (0, 2)}
+    text = "\n".join(seesaw.rebalanced_section({"matched": matched, f"ablation/{seesaw.REBALANCED}": ablation}))
+    assert "seeds 0, 2" in text and '"probes": 30' in text
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "yes, CPI-FT ahead" in rows["multitask_matched"] and "2 of 2" in rows["multitask_matched"]
+    assert "yes, CPI-FT ahead" in rows["cpi_ft (probes 40)"]  # the 40-step-probe CPI-FT of the same seeds
+    assert seesaw.rebalanced_section({"matched": matched}) == []
