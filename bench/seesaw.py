@@ -287,27 +287,20 @@ def merged(saved: dict, name: str, size: dict, out: dict[str, dict[str, dict]]) 
     runs = {config: dict(seeds) for config, seeds in runs.items()}
     for config, seeds in out.items():
         for seed, result in seeds.items():
-            runs.setdefault(config, {})[seed] = merged_run(runs[config].get(seed), result, f"{config} seed {seed}")
+            runs.setdefault(config, {})[seed] = merged_run(runs[config].get(seed), result)
     return runs
 
 
-def merged_run(old: dict | None, new: dict, label: str) -> dict:
-    """`new`, keeping the methods of `old` it did not run when both trained the same probes (equal per-item probe
-    scores): a baseline added in a later session then joins its seed's run instead of dropping the others."""
-    if old is None:
-        return new
-    kept = sorted(set(old["methods"]) - set(new["methods"]))
+def merged_run(old: dict | None, new: dict) -> dict:
+    """`new`, keeping the methods of `old` (the same config and seed, so the same recipe) it did not run: a
+    baseline added in a later session joins its seed's run instead of dropping the others. CPU training is not
+    bit-reproducible across sessions, so `meta["kept"]` names the methods that come from the earlier training."""
+    kept = sorted(set(old["methods"]) - set(new["methods"])) if old else []
     if not kept:
         return new
-    probes = [run["methods"].get("probe", {}).get("items") for run in (old, new)]
-    if probes[0] is None or probes[0] != probes[1]:
-        print(f"[seesaw] {label}: other probes than the saved run's, so its {', '.join(kept)} are dropped")
-        return new
-    meta = {**old.get("meta", {}), **new.get("meta", {})}
     steps = {**old.get("meta", {}).get("optimizer steps", {}), **new.get("meta", {}).get("optimizer steps", {})}
-    if steps:
-        meta["optimizer steps"] = steps
-    return {**old, **new, "methods": {**old["methods"], **new["methods"]}, **({"meta": meta} if meta else {})}
+    meta = {**old.get("meta", {}), **new.get("meta", {}), "optimizer steps": steps, "kept": kept}
+    return {**old, **new, "methods": {**old["methods"], **new["methods"]}, "meta": meta}
 
 
 def _mean_std(values: list[float]) -> str:
@@ -365,6 +358,8 @@ def report(name: str, entry: dict) -> tuple[list[str], dict]:
         steps = out[config][0].get("meta", {}).get("optimizer steps", {})
         lines += ["", *section, *margins_section(out[config])]
         lines += ["", f"Optimizer steps (seed {seeds_of[config][0]}): " + json.dumps(steps)]
+        kept = {k: runs[config][k].get("meta", {}).get("kept") for k in seeds_of[config]}
+        lines += [f"Seed {k}: {', '.join(m)} from an earlier training of the same recipe" for k, m in kept.items() if m]
         lines += goals({"methods": methods})
     lines += p_section(runs)
     forgetting = {k.split("/", 1)[1]: v for k, v in out.items() if k.startswith("forgetting/")}

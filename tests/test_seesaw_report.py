@@ -233,29 +233,32 @@ def test_structured_cores_are_judged_against_element_cores_seed_spread():
     assert seesaw.structured_section({"row_p0.05": rows}) == []  # no element reference, no table
 
 
-def test_a_baseline_run_later_joins_its_seeds_run_on_the_same_probes_only():
-    def run(methods: dict[str, float], probe: list[float], steps: dict[str, int]) -> dict:
-        scored = {m: {"avg": v, "items": {"t": [v]}} for m, v in methods.items()}
-        return {"methods": {**scored, "probe": {"items": {"t": probe}}}, "meta": {"optimizer steps": steps}}
+def test_a_baseline_run_later_joins_its_seeds_saved_run():
+    def run(methods: dict[str, float], steps: dict[str, int]) -> dict:
+        scored = {m: {"avg": v, "tasks": {"t": v}, "exact": {"t": v}, "items": {"t": [v]}} for m, v in methods.items()}
+        return {"methods": scored, "majority": {"t": 0.1}, "meta": {"optimizer steps": steps, "core size p": 0.05}}
 
     size = seesaw.SIZES["small"]
-    first = run({"cpi_ft": 0.3, "multitask_matched": 0.33}, [1.0, 0.0], {"cpi_ft": 240, "multitask_matched": 240})
+    first = run({"cpi_ft": 0.3, "multitask_matched": 0.33}, {"cpi_ft": 240, "multitask_matched": 240})
     saved = {"sizes": {"small": {"size": size, "runs": {"matched": {"0": first}, "main": {"0": first}}}}}
-    later = run(
-        {"cpi_ft": 0.31, "multitask_all_weights_matched": 0.29}, [1.0, 0.0], {"multitask_all_weights_matched": 240}
-    )
-    runs = seesaw.merged(saved, "small", size, {"matched": {"0": later}})
+    later = run({"cpi_ft": 0.31, "multitask_all_weights_matched": 0.29}, {"multitask_all_weights_matched": 240})
+    runs = seesaw.merged(saved, "small", size, {"matched": {"0": later, "1": later}})
     kept = runs["matched"]["0"]
-    assert set(kept["methods"]) == {"cpi_ft", "multitask_matched", "multitask_all_weights_matched", "probe"}
+    assert set(kept["methods"]) == {"cpi_ft", "multitask_matched", "multitask_all_weights_matched"}
     assert kept["methods"]["cpi_ft"]["avg"] == 0.31  # the newer run's score of a method both ran
-    assert kept["meta"]["optimizer steps"] == {
-        "cpi_ft": 240,
-        "multitask_matched": 240,
-        "multitask_all_weights_matched": 240,
+    steps = {"cpi_ft": 240, "multitask_matched": 240, "multitask_all_weights_matched": 240}
+    assert kept["meta"] == {"optimizer steps": steps, "core size p": 0.05, "kept": ["multitask_matched"]}
+    assert runs["matched"]["1"] is later and runs["main"]["0"] is first  # a new seed, other configs: as they were
+    entry = {
+        "size": size,
+        "runs": {"matched": runs["matched"]},
+        "command": "c",
+        "minutes": 1,
+        "device": "d",
+        "date": "x",
     }
-    assert runs["main"]["0"] is first  # other configs untouched
-    other = run({"cpi_ft": 0.28}, [0.0, 1.0], {"cpi_ft": 240})  # other probes: the old baselines belong to other cores
-    assert seesaw.merged(saved, "small", size, {"matched": {"0": other}})["matched"]["0"] is other
+    report = "\n".join(seesaw.report("small", entry)[0])
+    assert "Seed 0: multitask_matched from an earlier training of the same recipe" in report
 
 
 def test_larger_stages_spend_the_matched_budget_and_are_judged_against_its_baselines(tmp_path):
