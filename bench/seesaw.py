@@ -286,8 +286,9 @@ def merged(saved: dict, name: str, size: dict, out: dict[str, dict[str, dict]]) 
     runs = entry.get("runs", {}) if entry.get("size") == size else {}
     runs = {config: dict(seeds) for config, seeds in runs.items()}
     for config, seeds in out.items():
+        into = runs.setdefault(config, {})
         for seed, result in seeds.items():
-            runs.setdefault(config, {})[seed] = merged_run(runs[config].get(seed), result)
+            into[seed] = merged_run(into.get(seed), result)
     return runs
 
 

@@ -242,13 +242,14 @@ def test_a_baseline_run_later_joins_its_seeds_saved_run():
     first = run({"cpi_ft": 0.3, "multitask_matched": 0.33}, {"cpi_ft": 240, "multitask_matched": 240})
     saved = {"sizes": {"small": {"size": size, "runs": {"matched": {"0": first}, "main": {"0": first}}}}}
     later = run({"cpi_ft": 0.31, "multitask_all_weights_matched": 0.29}, {"multitask_all_weights_matched": 240})
-    runs = seesaw.merged(saved, "small", size, {"matched": {"0": later, "1": later}})
+    runs = seesaw.merged(saved, "small", size, {"matched": {"0": later, "1": later}, "dense": {"0": later}})
     kept = runs["matched"]["0"]
     assert set(kept["methods"]) == {"cpi_ft", "multitask_matched", "multitask_all_weights_matched"}
     assert kept["methods"]["cpi_ft"]["avg"] == 0.31  # the newer run's score of a method both ran
     steps = {"cpi_ft": 240, "multitask_matched": 240, "multitask_all_weights_matched": 240}
     assert kept["meta"] == {"optimizer steps": steps, "core size p": 0.05, "kept": ["multitask_matched"]}
-    assert runs["matched"]["1"] is later and runs["main"]["0"] is first  # a new seed, other configs: as they were
+    assert runs["matched"]["1"] is later and runs["dense"]["0"] is later  # a new seed, a new config
+    assert runs["main"]["0"] is first  # the other configs as they were
     entry = {
         "size": size,
         "runs": {"matched": runs["matched"]},
