@@ -487,7 +487,8 @@ def rebalanced_section(runs: dict[str, dict[str, dict]]) -> list[str]:
         combined.append({"methods": {**methods, "cpi_ft": ablation[k]["methods"]["cpi_ft"]}})
     steps = {k: ablation[k].get("meta", {}).get("optimizer steps", {}).get("cpi_ft parts") for k in seeds}
     avg = _mean_std([r["methods"]["cpi_ft"]["avg"] for r in combined])
-    lines = ["", f"### Larger stages at the same budget (`{REBALANCED}` against `matched`, seeds {', '.join(seeds)})"]
+    on = f"seed{'s' * (len(seeds) > 1)} {', '.join(seeds)}"
+    lines = ["", f"### Larger stages at the same budget (`{REBALANCED}` against `matched`, {on})"]
     lines += ["", f"CPI-FT with 10-step probes: {avg}; its optimizer steps per seed: {json.dumps(steps)}."]
     return lines + margins_section(combined)
 
