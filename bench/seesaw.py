@@ -489,7 +489,8 @@ def rebalanced_section(runs: dict[str, dict[str, dict]]) -> list[str]:
     avg = _mean_std([r["methods"]["cpi_ft"]["avg"] for r in combined])
     on = f"seed{'s' * (len(seeds) > 1)} {', '.join(seeds)}"
     lines = ["", f"### Larger stages at the same budget (`{REBALANCED}` against `matched`, {on})"]
-    lines += ["", f"CPI-FT with 10-step probes: {avg}; its optimizer steps per seed: {json.dumps(steps)}."]
+    probe = ABLATIONS[REBALANCED]["probe"]["steps"]
+    lines += ["", f"CPI-FT with {probe}-step probes: {avg}; its optimizer steps per seed: {json.dumps(steps)}."]
     return lines + margins_section(combined)
 
 
