@@ -14,7 +14,7 @@
 3. Sets: a seeded random draw (`--seed`, recorded) of `--sets` disjoint sets of three passing generators, each
    spanning at least two answer formats (number, word, list). Nothing is swapped by hand after a result.
 
-Resumable: probes live under bench/_work/screen/<generator>/, scores in bench/results/screen.json.
+Resumable: probes live under bench/_work/screen/probes/<generator>/, scores in bench/results/screen.json.
 Writes bench/results/screen.md and screen.json.
 """
 
@@ -32,12 +32,14 @@ import torch
 from seesaw import SCREENED, SIZES, TASKS, WORK, recipe
 
 from peft_isolate._io import load_json, save_json, write_atomic
+from peft_isolate.recipe import Recipe
 
 RESULTS = Path(__file__).parent / "results"
 SCREEN_SEED = 7  # the screening items' task seed; the benchmark's tasks use 100 + their position
 BENCH_SEEDS = range(100, 104)
 SHORT_TOKENS = 12
 LIFT = 0.10
+SCREEN_WORK = WORK.parent / "screen"  # one run directory: every screened generator's probe
 _NUMBER = re.compile(r"-?\d+(?:[./]\d+)?")
 
 
@@ -90,7 +92,8 @@ def candidates(seed: int, tokenizer) -> list[tuple[str, str, int]]:
 
 
 def screening_task(name: str, items: int):
-    """The generator's screening items: task seed SCREEN_SEED, none of the benchmark's eval questions."""
+    """The generator's screening items: task seed SCREEN_SEED, none of the benchmark's eval questions and none of
+    the probe's train questions."""
     from peft_isolate.data import TaskData, load_task
 
     size = SIZES["small"]
@@ -99,14 +102,25 @@ def screening_task(name: str, items: int):
     for seed in BENCH_SEEDS:
         for train in {s["train"] for s in SIZES.values()}:
             benchmark |= {e.prompt for e in load_task(f"reasoning_gym:{name}", train=train, eval=200, seed=seed).eval}
-    kept = [e for e in task.eval if e.prompt not in benchmark][:items]
+    seen = benchmark | {e.prompt for e in task.train}  # a small generator repeats questions: none the probe saw
+    kept = [e for e in task.eval if e.prompt not in seen][:items]
     if len(kept) < items:
         raise ValueError(f"{name}: only {len(kept)} screening items outside the benchmark's eval items")
     return TaskData(name, task.train, kept, task.scorer)
 
 
-def screen_one(name: str, model_name: str, items: int) -> dict:
-    """Train the small size's probe of one generator and score base, majority answer and probe."""
+def probe_recipe(names: list[str], out: Path, model_name: str) -> Recipe:
+    """The small size's recipe over generators `names` (a recipe holds two tasks or more), each trained on items of
+    task seed SCREEN_SEED. Its probe step trains each generator alone under a key of that generator only, so a
+    longer list reuses the probes a shorter one trained."""
+    size = SIZES["small"]
+    specs = {n: {"source": f"reasoning_gym:{n}", "train": size["train"], "eval": 8, "seed": SCREEN_SEED} for n in names}
+    return recipe(size, names, 0, out, model_name, tasks=specs)
+
+
+def screen_one(name: str, screened: list[str], model_name: str, items: int, out: Path = SCREEN_WORK) -> dict:
+    """Train the small size's probe of generator `name` (among `screened`, the generators the run directory `out`
+    trains probes of: `name` and at least one other) and score base, majority answer and probe."""
     from peft import PeftModel
 
     from peft_isolate.evaluate import evaluate, majority_baseline
@@ -114,10 +128,7 @@ def screen_one(name: str, model_name: str, items: int) -> dict:
     from peft_isolate.pipeline import run_pipeline
 
     start = time.time()
-    size = SIZES["small"]
-    out = WORK.parent / "screen" / name
-    task_spec = {"source": f"reasoning_gym:{name}", "train": size["train"], "eval": 8, "seed": SCREEN_SEED}
-    config = recipe(size, [name], 0, out, model_name, tasks={name: task_spec})
+    config = probe_recipe(screened, out, model_name)
     run_pipeline(config, until="probe")
     task = screening_task(name, items)
     model, tokenizer = load_model(model_name)
@@ -178,6 +189,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the generator stream and of the set draw")
     p.add_argument("--model", default="smollm2-135m")
     args = p.parse_args()
+    if args.sample < 2:
+        raise SystemExit(f"--sample {args.sample}: screen at least 2 generators (a recipe holds two tasks or more)")
     path = SCREENED
     saved = load_json(path) if path.exists() else {"generators": {}}
     if saved.get("seed", args.seed) != args.seed or saved.get("items", args.items) != args.items:
@@ -192,17 +205,18 @@ def main() -> None:
         "commit": commit,
     }
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))  # only to count answer tokens
-    short = 0
+    short = []
     for name, fmt, tokens in candidates(args.seed, tokenizer):
-        if short == args.sample:
+        if len(short) == args.sample:
             break
-        entry = saved["generators"].setdefault(name, {"format": fmt, "tokens": tokens})
-        if tokens > SHORT_TOKENS:
-            continue
-        short += 1
+        saved["generators"].setdefault(name, {"format": fmt, "tokens": tokens})
+        if tokens <= SHORT_TOKENS:
+            short.append(name)
+    for k, name in enumerate(short):
+        entry = saved["generators"][name]
         if "probe" not in entry:
-            print(f"== screening {name} ({short}/{args.sample})", flush=True)
-            entry |= screen_one(name, args.model, args.items)
+            print(f"== screening {name} ({k + 1}/{len(short)})", flush=True)
+            entry |= screen_one(name, short[: max(k + 1, 2)], args.model, args.items)
             save_json(saved, path)
             write_report(saved)
     passing = {n: r["format"] for n, r in saved["generators"].items() if r.get("passed")}

@@ -94,14 +94,14 @@ ABLATIONS = {
 REBALANCED = "short_probes_p0.05"
 
 
-def recipe(size: dict, tasks: list[str], seed: int, out: Path, model: str, **changes) -> Recipe:
-    """The benchmark's recipe for `tasks`, one seed, with section `changes` merged in."""
+def recipe(size: dict, names: list[str], seed: int, out: Path, model: str, **changes) -> Recipe:
+    """The benchmark's recipe for the tasks `names`, one seed, with section `changes` merged in."""
     data = {
         "model": model,
         "quantization": "nf4" if torch.cuda.is_available() else "none",
         "tasks": {
             t: {"source": f"reasoning_gym:{t}", "train": size["train"], "eval": size["eval"], "seed": 100 + i}
-            for i, t in enumerate(tasks)
+            for i, t in enumerate(names)
         },
         "probe": {"steps": size["probe"], "lr": 3e-3, "rank": 16},
         "stages": {"steps": size["stage"], "lr": 1e-3, "sample": 1.0},

@@ -9,10 +9,19 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
-from screen import BENCH_SEEDS, answer_format, draw_sets, screening_task  # noqa: E402
+from screen import (  # noqa: E402
+    BENCH_SEEDS,
+    SCREEN_SEED,
+    answer_format,
+    draw_sets,
+    probe_recipe,
+    screen_one,
+    screening_task,
+)
 from seesaw import SIZES  # noqa: E402
 
 from peft_isolate.data import load_task  # noqa: E402
+from peft_isolate.pipeline import load_run, probe_key  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -52,3 +61,26 @@ def test_screening_items_are_none_of_the_benchmarks_eval_items():
                 e.prompt for e in load_task("reasoning_gym:basic_arithmetic", train=train, eval=200, seed=seed).eval
             }
             assert not bench & {e.prompt for e in task.eval}
+    assert not {e.prompt for e in task.train} & {e.prompt for e in task.eval}
+
+
+def test_a_longer_list_of_generators_keeps_each_probes_key(tiny_dir, tmp_path):
+    two = probe_recipe(["basic_arithmetic", "letter_counting"], tmp_path, str(tiny_dir))
+    three = probe_recipe(["basic_arithmetic", "letter_counting", "word_sorting"], tmp_path, str(tiny_dir))
+    assert {spec.seed for spec in three.tasks.values()} == {SCREEN_SEED}
+    shorter, longer = load_run(two), load_run(three)
+    assert probe_key(shorter, "letter_counting") == probe_key(longer, "letter_counting")
+    assert probe_key(longer, "letter_counting") != probe_key(longer, "word_sorting")
+
+
+def test_screening_trains_the_probe_once_and_scores_it_on_the_screening_items(tiny_dir, tmp_path):
+    first = screen_one("basic_arithmetic", ["basic_arithmetic", "letter_counting"], str(tiny_dir), 16, tmp_path)
+    probe = tmp_path / "probes" / "letter_counting" / "adapter_model.safetensors"
+    trained = probe.stat().st_mtime_ns  # the first generator's run trained its partner's probe too
+    second = screen_one("letter_counting", ["basic_arithmetic", "letter_counting"], str(tiny_dir), 16, tmp_path)
+    assert probe.stat().st_mtime_ns == trained
+    adapters = sorted(p.parent.name for p in (tmp_path / "probes").glob("*/adapter_model.safetensors"))
+    assert adapters == ["basic_arithmetic", "letter_counting"]
+    for result in (first, second):
+        assert {"base", "majority", "probe", "passed", "minutes"} <= set(result)
+        assert all(0 <= result[k] <= 1 for k in ("base", "majority", "probe"))
