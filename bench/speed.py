@@ -9,7 +9,9 @@ rows (isolation_row, _column, _block16, _block64) take whole units of each weigh
 (so a unit larger than a weight's budget is not taken: their trainable counts are shown). Two "before"
 rows: isolation_csr (training through the base layer plus the CSR product of the delta instead of the merged
 product) and isolation_dense_grad (the value gradient taken from the full weight gradient instead of the SDDMM;
-on CUDA the layer does that anyway, see bench/value_gradient.py).
+on CUDA the layer does that anyway, see bench/value_gradient.py). `--labels N` labels only the last N tokens
+of each row, as answer-only SFT does, and runs the output head only there, as peft_isolate's training does
+(`training.head_at_labels`); the default 0 labels every token and runs the full head.
 
     python bench/speed.py                       # SmolLM2-135M nf4 on CPU, density 1%, batch 4 x 128
     python bench/speed.py --density 0.001 0.01 0.05 --seq 128
@@ -17,11 +19,13 @@ on CUDA the layer does that anyway, see bench/value_gradient.py).
     python bench/speed.py --density 0.001 0.01 0.05 --repeats 3 --methods none qlora shira isolation \
         isolation_row isolation_column isolation_block16 isolation_block64 --out bench/results/speed_structured.md
     python bench/speed.py --shape 1b --quant nf4 --seq 256 1024   # GPU: random Llama of TinyLlama-1.1B shape
+    python bench/speed.py --quant none --batch 8 --seq 96 --labels 0 16 --methods none qlora isolation
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import subprocess
@@ -154,26 +158,36 @@ def run_one(args, model=None) -> dict:
     model = model if model is not None else adapt(load(args), args.method, args.density)
     trainable = [p for p in model.parameters() if p.requires_grad]
     tokens = torch.randint(0, 1000, (args.batch, args.seq), device=next(model.parameters()).device)
-    time_s, peak = time_steps(model, tokens, args.steps)
+    time_s, peak = time_steps(model, tokens, args.steps, args.labels)
     return {
         "method": args.method,
         "density": args.density,
         "seq": args.seq,
+        "labels": args.labels,
         "trainable": sum(p.numel() for p in trainable) if args.method != "none" else 0,
         "time_s": time_s,
         "peak_mib": peak / 2**20,
     }
 
 
-def time_steps(model, tokens: torch.Tensor, steps: int) -> tuple[float, float]:
+def time_steps(model, tokens: torch.Tensor, steps: int, labelled: int = 0) -> tuple[float, float]:
     """The median time of `steps` AdamW training steps on `tokens` after one warm-up step, and the peak memory
-    (bytes) above what was allocated before: CUDA's allocator on a GPU, the sampled RSS on CPU."""
+    (bytes) above what was allocated before: CUDA's allocator on a GPU, the sampled RSS on CPU. `labelled` > 0:
+    only each row's last `labelled` tokens are labels, and the head runs only where they are."""
+    from peft_isolate.training import head_at_labels, label_loss
+
     cuda = tokens.device.type == "cuda"
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
+    labels = tokens.clone()
+    labels[:, : tokens.shape[1] - labelled] = -100
 
     def step():
-        loss = model(input_ids=tokens, labels=tokens).loss
+        if labelled:
+            with head_at_labels(model, labels):
+                loss = label_loss(model(input_ids=tokens).logits, labels)
+        else:
+            loss = model(input_ids=tokens, labels=tokens).loss
         loss.backward()
         if opt:
             opt.step()
@@ -213,6 +227,7 @@ def main() -> None:
     p.add_argument("--density", type=float, nargs="+", default=[0.01])
     p.add_argument("--seq", type=int, nargs="+", default=[128])
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--labels", type=int, nargs="+", default=[0], help="labelled tokens a row (0: every token)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--repeats", type=int, default=1, help="runs of every method; the table shows their medians")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -220,31 +235,27 @@ def main() -> None:
     p.add_argument("--method", help=argparse.SUPPRESS)  # child mode: one measurement, JSON on stdout
     args = p.parse_args()
     if args.method:
-        args.density, args.seq = args.density[0], args.seq[0]
+        args.density, args.seq, args.labels = args.density[0], args.seq[0], args.labels[0]
         print(json.dumps(run_one(args)))
         return
     runs: dict[tuple, list[dict]] = {}
     failed: list[str] = []
     for repeat in range(args.repeats):  # methods interleaved, so a drifting machine slows all of them alike
-        for seq in args.seq:
-            for density in args.density:
-                for method in args.methods:
-                    if method == "none" and density != args.density[0]:  # the floor has no density
-                        continue
-                    cmd = [sys.executable, __file__, "--method", method, "--shape", args.shape, "--quant", args.quant]
-                    cmd += ["--density", str(density), "--seq", str(seq)]
-                    cmd += ["--batch", str(args.batch), "--steps", str(args.steps)]
-                    proc = subprocess.run(cmd, capture_output=True, text=True)
-                    if proc.returncode:
-                        failed.append(
-                            f"{method} (seq {seq}, density {density}): {proc.stderr.strip().splitlines()[-1]}"
-                        )
-                        print(f"FAILED {failed[-1]}\n{proc.stderr[-3000:]}", flush=True)
-                        continue
-                    row = json.loads(proc.stdout.strip().splitlines()[-1])
-                    runs.setdefault((seq, density, method), []).append(row)
-                    print(f"repeat {repeat}: {row}", flush=True)
-                    write_table(_medians(runs), failed, args)  # a run cut short still leaves its table
+        for seq, labelled, density, method in itertools.product(args.seq, args.labels, args.density, args.methods):
+            if method == "none" and density != args.density[0]:  # the floor has no density
+                continue
+            cmd = [sys.executable, __file__, "--method", method, "--shape", args.shape, "--quant", args.quant]
+            cmd += ["--density", str(density), "--seq", str(seq), "--labels", str(labelled)]
+            cmd += ["--batch", str(args.batch), "--steps", str(args.steps)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                failed.append(f"{method} (seq {seq}, density {density}): {proc.stderr.strip().splitlines()[-1]}")
+                print(f"FAILED {failed[-1]}\n{proc.stderr[-3000:]}", flush=True)
+                continue
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            runs.setdefault((seq, labelled, density, method), []).append(row)
+            print(f"repeat {repeat}: {row}", flush=True)
+            write_table(_medians(runs), failed, args)  # a run cut short still leaves its table
     print(write_table(_medians(runs), failed, args))
 
 
@@ -262,15 +273,16 @@ def ratio(row: dict, ref: dict | None, key: str) -> str:
 
 def table_rows(rows: list[dict], failed: list[str]) -> list[str]:
     """The rows of the speed table (step time and peak memory, with their ratios to QLoRA and to the floor of the
-    same sequence length), then the failures."""
-    qlora = {(m["seq"], m["density"]): m for m in rows if m["method"] == "qlora"}
-    floor_of = {m["seq"]: m for m in rows if m["method"] == "none"}  # one per sequence length: it has no density
+    same sequence length and labels), then the failures."""
+    qlora = {(m["seq"], m["labels"], m["density"]): m for m in rows if m["method"] == "qlora"}
+    floor_of = {(m["seq"], m["labels"]): m for m in rows if m["method"] == "none"}  # the floor has no density
     lines = []
     for r in rows:
-        lora, floor = qlora.get((r["seq"], r["density"])), floor_of.get(r["seq"])
+        lora, floor = qlora.get((r["seq"], r["labels"], r["density"])), floor_of.get((r["seq"], r["labels"]))
         density = "-" if r["method"] == "none" else f"{r['density']:.3%}"
+        labels = r["labels"] or "all"
         lines.append(
-            f"| {r['seq']} | {density} | {r['method']} | {r['trainable']:,} | {r['time_s']:.3f} | "
+            f"| {r['seq']} | {labels} | {density} | {r['method']} | {r['trainable']:,} | {r['time_s']:.3f} | "
             f"{ratio(r, lora, 'time_s')} | {ratio(r, floor, 'time_s')} | {r['peak_mib']:.0f} | "
             f"{ratio(r, lora, 'peak_mib')} |"
         )
@@ -285,8 +297,8 @@ def write_table(rows: list[dict], failed: list[str], args) -> str:
         f"device: {device}, torch {torch.__version__}, date {time.strftime('%Y-%m-%d')}.",
         "Command: `python bench/speed.py " + " ".join(sys.argv[1:]) + "`",
         "",
-        "| seq | density | method | trainable | step (s) | x QLoRA | x floor | peak mem (MiB) | mem x QLoRA |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| seq | labels | density | method | trainable | step (s) | x QLoRA | x floor | peak mem (MiB) | mem x QLoRA |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += table_rows(rows, failed)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

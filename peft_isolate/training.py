@@ -1,22 +1,26 @@
 """Supervised fine-tuning of one step of the pipeline (a probe, a stage, a baseline) on `transformers.Trainer`.
 
-The Trainer brings accelerate (DDP/FSDP), progress bars and logging. We add two things: dense-mode freezing
+The Trainer brings accelerate (DDP/FSDP), progress bars and logging. We add three things: dense-mode freezing
 (gradients masked at frozen entries and the entries restored after each optimizer step, so they stay
-bit-identical under AdamW with weight decay) and resuming only from checkpoints whose completion marker exists.
+bit-identical under AdamW with weight decay), resuming only from checkpoints whose completion marker exists, and
+the output head run only where a label is (answer-only SFT labels a few tokens a row; the vocabulary-wide head
+and its softmax at every prompt and padding position would be thrown away).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from accelerate import PartialState
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -116,6 +120,54 @@ def _local_part(param: torch.Tensor, idx: torch.Tensor, saved: torch.Tensor) -> 
     return idx[inside] - start, saved[inside]
 
 
+def predicting_labels(labels: torch.Tensor) -> torch.Tensor:
+    """The positions (batch x sequence, bool) whose logits predict a label: a causal LM's position t predicts t+1."""
+    return F.pad(labels[:, 1:] != -100, (0, 1), value=False)
+
+
+@contextlib.contextmanager
+def head_at_labels(model: nn.Module, labels: torch.Tensor) -> Iterator[None]:
+    """Within it, `model`'s output head runs only at the positions that predict one of `labels`: its input
+    (batch x sequence x hidden) is packed to 1 x positions x hidden, so the logits come out packed alike.
+    Everything before the head, and the loss at those positions (`label_loss`), is unchanged."""
+    keep = predicting_labels(labels)
+
+    def pack(module: nn.Module, args: tuple) -> tuple | None:
+        hidden = args[0]
+        return (hidden[keep].unsqueeze(0), *args[1:]) if hidden.shape[:2] == keep.shape else None
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(pack)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def label_loss(logits: torch.Tensor, labels: torch.Tensor, num_items: torch.Tensor | int | None = None) -> torch.Tensor:
+    """Next-token cross-entropy of `labels`, summed and divided by `num_items` (the Trainer's label count over
+    the accumulated batch; default: this batch's), from packed logits (`head_at_labels`) or full ones."""
+    targets = labels[:, 1:][labels[:, 1:] != -100]
+    packed = logits[0] if logits.shape[:2] != labels.shape else logits[predicting_labels(labels)]
+    loss = F.cross_entropy(packed.float(), targets, reduction="sum")
+    return loss / (targets.numel() if num_items is None else num_items)
+
+
+class LabelHeadTrainer(Trainer):
+    """The Trainer with its causal LM head run only where a label is (`head_at_labels`) and the same loss."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, compute_loss_func=self._label_loss, **kwargs)
+
+    @staticmethod
+    def _label_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+        return label_loss(outputs.logits, labels, num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The Trainer's loss (labels popped, the DDP token averaging), inside `head_at_labels`."""
+        with head_at_labels(self.accelerator.unwrap_model(model), inputs["labels"]):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
 def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     """Under FSDP, the whole state dict gathered onto the main process for saving (a collective: every process
     must call it; the others get an empty dict). None for an unsharded model, which `save_pretrained` reads."""
@@ -207,7 +259,7 @@ def train(
     callbacks: list[TrainerCallback] = [_MarkComplete(key)]
     if frozen:
         callbacks.append(FreezeEntries(model, frozen))
-    trainer = Trainer(
+    trainer = LabelHeadTrainer(
         model=model,
         args=args,
         train_dataset=tokenize_sft(examples, tokenizer, settings.max_seq_len),

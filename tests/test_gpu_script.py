@@ -27,7 +27,7 @@ TABLES = {
         "| above model (GiB) | step x QLoRA | peak x QLoRA | <= 16 GB |"
     ],
     "part3_speed.md": [
-        "| seq | density | method | trainable | step (s) | x QLoRA | x floor | peak mem (MiB) | mem x QLoRA |"
+        "| seq | labels | density | method | trainable | step (s) | x QLoRA | x floor | peak mem (MiB) | mem x QLoRA |"
     ],
     "part4_fsdp.md": [
         "| status | FSDP-wrapped params (DTensor) | stage time (s) | peak (GiB) | train loss | locked entries "
@@ -85,11 +85,11 @@ def test_tables_hold_the_expected_rows(dry_run):
     assert [r[0].split(" ")[0] for r in stage] == ["cpi_ft", "qlora"]
     assert int(stage[0][2].replace(",", "")) > 0  # the stage locked task A's core
     speed = rows((out / "part3_speed.md").read_text(), TABLES["part3_speed.md"][0])
-    assert {(r[2], r[1]) for r in speed} >= {
+    assert {(r[3], r[2]) for r in speed} >= {
         (m, d) for m in ("qlora", "shira", "isolation") for d in ("0.100%", "1.000%", "5.000%")
     }
-    assert {(r[2], r[1]) for r in speed} >= {(f"isolation_{g}", "5.000%") for g in ("row", "column", "block16")}
-    assert [r[2] for r in speed].count("none") == 1  # the floor, once per sequence length (one in the dry run)
+    assert {(r[3], r[2]) for r in speed} >= {(f"isolation_{g}", "5.000%") for g in ("row", "column", "block16")}
+    assert [r[3] for r in speed].count("none") == 1  # the floor, once per sequence length (one in the dry run)
     assert "Failed" not in (out / "part3_speed.md").read_text()
 
 

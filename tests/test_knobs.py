@@ -24,12 +24,12 @@ def trainers(monkeypatch) -> list[Trainer]:
     """Every Trainer that peft_isolate.training builds, kept for reading its arguments and state."""
     made = []
 
-    class Kept(Trainer):
+    class Kept(training.LabelHeadTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(training, "Trainer", Kept)
+    monkeypatch.setattr(training, "LabelHeadTrainer", Kept)
     return made
 
 

@@ -64,7 +64,9 @@ def main() -> None:
         shape, steps, seqs = "gpu-dry-tiny", 1, [32]
         methods = tuple(m.replace("block64", "block16") for m in METHODS)
     info = {"shape": shape, "steps": steps, "batch": args.batch, "build_s": prebuild(shape)}
-    run = argparse.Namespace(shape=shape, quant="nf4", batch=args.batch, steps=steps, method="none", density=0.01)
+    run = argparse.Namespace(
+        shape=shape, quant="nf4", batch=args.batch, steps=steps, method="none", density=0.01, labels=0
+    )
     t0 = time.time()
     base = speed.load(run)
     info["load_s"] = time.time() - t0
@@ -133,8 +135,8 @@ def table(args, info: dict, rows: list[dict], failed: list[str], note: str) -> l
         "Part 3: speed sweep (floor, QLoRA, SHiRA, isolation on element and structured supports)", args, what
     )
     lines += [
-        "| seq | density | method | trainable | step (s) | x QLoRA | x floor | peak mem (MiB) | mem x QLoRA |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| seq | labels | density | method | trainable | step (s) | x QLoRA | x floor | peak mem (MiB) | mem x QLoRA |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = sorted(rows, key=lambda r: (r["seq"], r["density"] if r["method"] != "none" else -1))
     return lines + speed.table_rows(order, failed)
