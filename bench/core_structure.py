@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+import provenance
 import torch
 
 from peft_isolate._io import save_json, write_atomic
@@ -70,7 +70,7 @@ def main() -> None:
                 }
             )
             print(rows[-1], flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = provenance.commit()
     tasks = list(sources)
     lines = [
         "# What a core holds: mass curves and structured cores on real probes",

@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import provenance
 import torch
 from peft import get_peft_model
 
@@ -82,7 +82,7 @@ def main() -> None:
             density = rows[0]["entries"] / CoreRegions.load(kw["cores"]).numel if "cores" in kw else kw["density"]
             sections.append((label, density, rows))
             print(label, rows, flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = provenance.commit()
     lines = [
         "# Sparse-delta file size and load time",
         "",

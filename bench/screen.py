@@ -23,12 +23,11 @@ from __future__ import annotations
 import argparse
 import random
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
+import provenance
 from seesaw import SCREENED, SIZES, TASKS, WORK, recipe
 
 from peft_isolate._io import load_json, save_json, write_atomic
@@ -195,13 +194,13 @@ def main() -> None:
     saved = load_json(path) if path.exists() else {"generators": {}}
     if saved.get("seed", args.seed) != args.seed or saved.get("items", args.items) != args.items:
         raise SystemExit(f"{path} holds another seed or item count: move it away to screen afresh")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = provenance.commit()
     saved |= {
         "seed": args.seed,
         "items": args.items,
         "command": "python bench/screen.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (2 cores)",
+        "device": provenance.device(),
         "commit": commit,
     }
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))  # only to count answer tokens

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import provenance
 import torch
 
 from peft_isolate._io import load_json, save_json, write_atomic
@@ -336,7 +337,9 @@ def report(name: str, entry: dict) -> tuple[list[str], dict]:
         "",
         f"Last command: `{entry['command']}` ({entry['minutes']:.0f} min; the tables also hold the earlier runs of "
         f"this size), {entry['size']}, tasks {entry.get('tasks', TASKS[: entry['size']['tasks']])}, device "
-        f"{entry['device']}, {entry['date']}. Seeds per configuration: "
+        f"{entry['device']}, {entry['date']}"
+        + (f", commit {entry['commit']}" if "commit" in entry else "")
+        + ". Seeds per configuration: "
         + ", ".join(f"{config} {seeds}" for config, seeds in seeds_of.items())
         + ". Scores in points (generator's scorer x 100; exact match in brackets), mean ± std over seeds.",
         "",
@@ -702,8 +705,9 @@ def main() -> None:
         "runs": merged(saved, name, size, out),
         "command": f"python bench/seesaw.py {' '.join(sys.argv[1:])}",
         "minutes": (time.time() - start) / 60,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (2 cores)",
+        "device": provenance.device(),
         "date": time.strftime("%Y-%m-%d"),
+        "commit": provenance.commit(),
     }
     print(write_results(saved))
     written = [str(RESULTS / f) for f in ("seesaw.md", "seesaw.json", f"seesaw_{name}.png")]

@@ -34,6 +34,7 @@ import threading
 import time
 from pathlib import Path
 
+import provenance
 import torch
 
 RESULTS = Path(__file__).parent / "results"
@@ -276,29 +277,32 @@ def table_rows(rows: list[dict], failed: list[str]) -> list[str]:
     same sequence length and labels), then the failures."""
     qlora = {(m["seq"], m["labels"], m["density"]): m for m in rows if m["method"] == "qlora"}
     floor_of = {(m["seq"], m["labels"]): m for m in rows if m["method"] == "none"}  # the floor has no density
+    full_head = {(m["seq"], m["density"], m["method"]): m for m in rows if not m["labels"]}
     lines = []
     for r in rows:
         lora, floor = qlora.get((r["seq"], r["labels"], r["density"])), floor_of.get((r["seq"], r["labels"]))
+        every = full_head.get((r["seq"], r["density"], r["method"]))
         density = "-" if r["method"] == "none" else f"{r['density']:.3%}"
         labels = r["labels"] or "all"
         lines.append(
             f"| {r['seq']} | {labels} | {density} | {r['method']} | {r['trainable']:,} | {r['time_s']:.3f} | "
-            f"{ratio(r, lora, 'time_s')} | {ratio(r, floor, 'time_s')} | {r['peak_mib']:.0f} | "
-            f"{ratio(r, lora, 'peak_mib')} |"
+            f"{ratio(r, lora, 'time_s')} | {ratio(r, floor, 'time_s')} | {ratio(r, every, 'time_s')} | "
+            f"{r['peak_mib']:.0f} | {ratio(r, lora, 'peak_mib')} |"
         )
     return lines + [f"\nFailed: {f}" for f in dict.fromkeys(failed)]  # once, however many repeats failed
 
 
 def write_table(rows: list[dict], failed: list[str], args) -> str:
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (2 cores)"
+    device = provenance.device()
     lines = [
         f"Model: {args.shape} ({args.quant}), batch {args.batch}, {args.steps} timed steps after 1 warm-up, "
         f"median of {args.repeats} interleaved run(s) per method, "
-        f"device: {device}, torch {torch.__version__}, date {time.strftime('%Y-%m-%d')}.",
+        f"device: {device}, torch {torch.__version__}, date {time.strftime('%Y-%m-%d')}, commit {provenance.commit()}.",
         "Command: `python bench/speed.py " + " ".join(sys.argv[1:]) + "`",
         "",
-        "| seq | labels | density | method | trainable | step (s) | x QLoRA | x floor | peak mem (MiB) | mem x QLoRA |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| seq | labels | density | method | trainable | step (s) | x QLoRA | x floor | x all labels | peak mem (MiB) "
+        "| mem x QLoRA |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += table_rows(rows, failed)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,8 @@ TABLES = {
         "| above model (GiB) | step x QLoRA | peak x QLoRA | <= 16 GB |"
     ],
     "part3_speed.md": [
-        "| seq | labels | density | method | trainable | step (s) | x QLoRA | x floor | peak mem (MiB) | mem x QLoRA |"
+        "| seq | labels | density | method | trainable | step (s) | x QLoRA | x floor | x all labels | peak mem (MiB) "
+        "| mem x QLoRA |"
     ],
     "part4_fsdp.md": [
         "| status | FSDP-wrapped params (DTensor) | stage time (s) | peak (GiB) | train loss | locked entries "

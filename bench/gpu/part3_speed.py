@@ -135,8 +135,9 @@ def table(args, info: dict, rows: list[dict], failed: list[str], note: str) -> l
         "Part 3: speed sweep (floor, QLoRA, SHiRA, isolation on element and structured supports)", args, what
     )
     lines += [
-        "| seq | labels | density | method | trainable | step (s) | x QLoRA | x floor | peak mem (MiB) | mem x QLoRA |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| seq | labels | density | method | trainable | step (s) | x QLoRA | x floor | x all labels | peak mem (MiB) "
+        "| mem x QLoRA |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = sorted(rows, key=lambda r: (r["seq"], r["density"] if r["method"] != "none" else -1))
     return lines + speed.table_rows(order, failed)
