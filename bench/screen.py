@@ -145,7 +145,8 @@ def screen_one(name: str, screened: list[str], model_name: str, items: int, out:
     }
 
 
-def write_report(saved: dict) -> str:
+def write_report(saved: dict, path: Path = RESULTS / "screen.md") -> str:
+    """results/screen.md from screen.json: every generator the stream reached, screened, pending or too long."""
     rows = saved["generators"]
     lines = [
         "# Screening reasoning-gym generators (the seesaw's small size)",
@@ -160,7 +161,8 @@ def write_report(saved: dict) -> str:
     ]
     for i, (name, r) in enumerate(rows.items()):
         if "probe" not in r:
-            lines.append(f"| {i} | {name} | {r['format']} | {r['tokens']} | - | - | - | not short | - |")
+            state = "not short" if r["tokens"] > SHORT_TOKENS else "not screened yet"
+            lines.append(f"| {i} | {name} | {r['format']} | {r['tokens']} | - | - | - | {state} | - |")
             continue
         lines.append(
             f"| {i} | {name} | {r['format']} | {r['tokens']} | {100 * r['base']:.1f} | {100 * r['majority']:.1f} "
@@ -172,7 +174,7 @@ def write_report(saved: dict) -> str:
     elif saved.get("sets_error"):
         lines += ["", f"No task sets yet: {saved['sets_error']}"]
     text = "\n".join(lines) + "\n"
-    write_atomic(RESULTS / "screen.md", lambda p: p.write_text(text))
+    write_atomic(path, lambda p: p.write_text(text))
     return text
 
 

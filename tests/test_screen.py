@@ -17,6 +17,7 @@ from screen import (  # noqa: E402
     probe_recipe,
     screen_one,
     screening_task,
+    write_report,
 )
 from seesaw import SIZES  # noqa: E402
 
@@ -84,3 +85,17 @@ def test_screening_trains_the_probe_once_and_scores_it_on_the_screening_items(ti
     for result in (first, second):
         assert {"base", "majority", "probe", "passed", "minutes"} <= set(result)
         assert all(0 <= result[k] <= 1 for k in ("base", "majority", "probe"))
+
+
+def test_the_report_tells_a_pending_generator_from_a_long_one(tmp_path):
+    screened = {"base": 0.1, "majority": 0.2, "probe": 0.5, "passed": True, "minutes": 3.0}
+    generators = {"a": {"format": "number", "tokens": 2, **screened}, "b": {"format": "word", "tokens": 3}}
+    saved = {"command": "c", "date": "d", "device": "e", "commit": "f", "seed": 0, "items": 200}
+    text = write_report(saved | {"generators": generators | {"c": {"format": "list", "tokens": 40}}}, tmp_path / "s.md")
+    rows = [line.split(" | ")[1:8] for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert rows == [
+        ["a", "number", "2", "10.0", "20.0", "50.0", "yes"],
+        ["b", "word", "3", "-", "-", "-", "not screened yet"],
+        ["c", "list", "40", "-", "-", "-", "not short"],
+    ]
+    assert (tmp_path / "s.md").read_text() == text
