@@ -18,8 +18,9 @@ with larger stages at `matched`'s whole budget; `--ablations NAME...` picks some
 `--quick` runs `main` only unless `--parts` says otherwise. `--eval-items 200` rescores runs already trained on
 200 held-out items per task (the first 48 are the small size's). `--task-set K` runs the K-th set of three tasks
 that bench/screen.py drew (tasks nobody picked) instead of the seesaw's own; its forgetting part then takes one
-ordered pair, the set's first two tasks. Writes bench/results/seesaw.md and seesaw.json, a section per size and
-task set (then one pooled over the sets), and seesaw_<size>.png.
+ordered pair, the set's first two tasks. `--model` other than smollm2-135m (gemma3-270m, say) runs in its own
+directories and section (`small-eval200@gemma3-270m`). Writes bench/results/seesaw.md and seesaw.json, a section
+per size, task set and model (then one pooled over the sets of a model), and seesaw_<size>.png.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 import shutil
 import statistics
 import sys
@@ -45,6 +47,7 @@ from peft_isolate.recipe import Recipe, RegionSpec
 RESULTS = Path(__file__).parent / "results"
 WORK = Path(__file__).parent / "_work" / "seesaw"
 SCREENED = RESULTS / "screen.json"  # bench/screen.py's screening and its draw of task sets
+DEFAULT_MODEL = "smollm2-135m"
 # short answers, different skills and formats, the base model weak on each; the first three are the ones a 40-step
 # CPU probe clearly lifts above the majority answer (chain_sum needs the full size's budget; see README)
 TASKS = ["number_sequence", "spell_backward", "calendar_arithmetic", "chain_sum"]
@@ -131,10 +134,19 @@ def drawn_set(k: int) -> list[str]:
     return sets[k]
 
 
+def section_name(args: argparse.Namespace) -> str:
+    """The results section of a command: `<size>[-eval<N>][-set<K>][@<model>]`, the model only when not the
+    default, so every model and task set keeps its own tables and run directories."""
+    name = args.size + (f"-eval{args.eval_items}" if args.eval_items else "")
+    name += f"-set{args.task_set}" if args.task_set is not None else ""
+    return name + (f"@{Path(args.model).name}" if args.model != DEFAULT_MODEL else "")
+
+
 def work_root(section: str) -> Path:
-    """The run directories of a results section (`small`, `small-eval200`, `small-eval200-set1`)."""
-    size, *rest = section.split("-")
-    return WORK / size / next((r for r in rest if r.startswith("set")), "")
+    """The run directories of a results section (`small`, `small-eval200`, `small-eval200-set1@gemma3-270m`)."""
+    name, _, model = section.partition("@")
+    size, *rest = name.split("-")
+    return WORK / size / next((r for r in rest if r.startswith("set")), "") / model
 
 
 def runs(args, size: dict, tasks: list[str], root: Path) -> dict[str, dict[str, dict]]:
@@ -145,7 +157,9 @@ def runs(args, size: dict, tasks: list[str], root: Path) -> dict[str, dict[str, 
         for name, config in configs.items():
             print(f"== seed {seed}: {name}", flush=True)
             _start_from(Path(config.output_dir), *starts.get(name, []))  # copied now: runs this loop finished count
-            out.setdefault(name, {})[str(seed)] = run_pipeline(config)
+            result = run_pipeline(config)
+            plan = plan_summary(Path(config.output_dir))
+            out.setdefault(name, {})[str(seed)] = result | ({"plan": plan} if plan else {})
     return out
 
 
@@ -336,7 +350,8 @@ def report(name: str, entry: dict) -> tuple[list[str], dict]:
         f"## Size {name}",
         "",
         f"Last command: `{entry['command']}` ({entry['minutes']:.0f} min; the tables also hold the earlier runs of "
-        f"this size), {entry['size']}, tasks {entry.get('tasks', TASKS[: entry['size']['tasks']])}, device "
+        f"this size), {entry['size']}, model {entry.get('model', DEFAULT_MODEL)}, "
+        f"tasks {entry.get('tasks', TASKS[: entry['size']['tasks']])}, device "
         f"{entry['device']}, {entry['date']}"
         + (f", commit {entry['commit']}" if "commit" in entry else "")
         + ". Seeds per configuration: "
@@ -390,7 +405,7 @@ def report(name: str, entry: dict) -> tuple[list[str], dict]:
         lines += ["", "### Ablations (CPI-FT average)", "", "| change | avg |", "|---|---|"]
         for change, seeds in ablations.items():
             lines.append(f"| cpi_ft:{change} | {_mean_std([r['methods']['cpi_ft']['avg'] for r in seeds])} |")
-        lines += overlap_section(work_root(name), {k: seeds_of[f"ablation/{k}"] for k in ablations})
+        lines += overlap_section(work_root(name), {k: runs[f"ablation/{k}"] for k in ablations})
         lines += structured_section({k: runs[f"ablation/{k}"] for k in ablations})
     lines += rebalanced_section(runs)
     return lines + goals(aggregate), aggregate
@@ -406,14 +421,18 @@ def forgetting_drops(pair: str, seeds: list[dict]) -> dict[str, list[float]]:
     }
 
 
-def overlap_section(root: Path, seeds_of: dict[str, list[str]]) -> list[str]:
-    """Per p / granularity ablation, how its cores overlap (mean pairwise Jaccard against its chance level, read
-    from each run's plan.json under `root`) and how many stages the plan made: structure may link tasks more
-    often."""
+def overlap_section(root: Path, ablations: dict[str, dict[str, dict]]) -> list[str]:
+    """Per p / granularity ablation ({change: {seed: result}}), how its cores overlap (mean pairwise Jaccard
+    against its chance level) and how many stages the plan made: structure may link tasks more often. Read from
+    the plan each result keeps (`plan_summary`), else from its run's plan.json under `root` (runs saved before
+    results kept their plan: gone with the run directory, such a run is left out)."""
     rows = []
-    for change, seeds in seeds_of.items():
-        plans = [root / f"seed{k}" / f"ablation-{change}" / "plan.json" for k in seeds]
-        plans = [json.loads(p.read_text()) for p in plans if p.is_file()]
+    for change, seeds in ablations.items():
+        plans = [
+            result.get("plan") or _plan_file(root / f"seed{k}" / f"ablation-{change}" / "plan.json")
+            for k, result in seeds.items()
+        ]
+        plans = [p for p in plans if p]
         if not plans or not (change.startswith("p_") or "_p0" in change):
             continue
         pairs = [
@@ -428,6 +447,16 @@ def overlap_section(root: Path, seeds_of: dict[str, list[str]]) -> list[str]:
         return []
     head = ["", "Core overlap (mean pairwise Jaccard over seeds) and stages:", ""]
     return head + ["| change | Jaccard | chance | stages |", "|---|---|---|---|", *rows]
+
+
+def plan_summary(run_dir: Path) -> dict | None:
+    """What seesaw.md reports of a run's plan (tasks, core overlap, stages), kept with its results."""
+    return _plan_file(run_dir / "plan.json")
+
+
+def _plan_file(path: Path) -> dict | None:
+    plan = load_json(path) if path.is_file() else None
+    return {k: plan[k] for k in ("tasks", "jaccard", "chance", "stages")} if plan else None
 
 
 def granularity(ablation: str) -> str:
@@ -633,6 +662,15 @@ def pooled_section(sets: dict[str, dict]) -> list[str]:
     return lines + goals(aggregate)
 
 
+def task_set_groups(sections: dict[str, dict]) -> dict[str, dict[str, dict]]:
+    """The task-set sections ({section: entry}) that pool together: the same size, item count and model."""
+    groups: dict[str, dict[str, dict]] = {}
+    for name, entry in sections.items():
+        if re.search(r"-set\d+", name):
+            groups.setdefault(re.sub(r"-set\d+", "", name), {})[name] = entry
+    return groups
+
+
 def write_results(saved: dict) -> str:
     """seesaw.md (a section per size and task set, smallest first, then the sets pooled per size) and
     seesaw.json from every section's runs."""
@@ -640,11 +678,7 @@ def write_results(saved: dict) -> str:
     for name in sorted(saved["sizes"], key=lambda n: (list(SIZES).index(n.split("-")[0]), n)):
         section, saved["sizes"][name]["aggregate"] = report(name, saved["sizes"][name])
         lines += [*section, ""]
-    sets: dict[str, dict[str, dict]] = {}
-    for name, entry in saved["sizes"].items():
-        if "-set" in name:
-            sets.setdefault(name.rsplit("-set", 1)[0], {})[name] = entry
-    for _, entries in sorted(sets.items()):
+    for _, entries in sorted(task_set_groups(saved["sizes"]).items()):
         lines += [*pooled_section(entries), ""]
     save_json(saved, RESULTS / "seesaw.json")
     text = "\n".join(lines)
@@ -661,7 +695,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parts = ["main", "matched", "dense", "forgetting", "ablations"]
     p.add_argument("--parts", nargs="+", default=None, choices=parts, help="default: main with --quick, else all")
     p.add_argument("--ablations", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS), metavar="NAME")
-    p.add_argument("--model", default="smollm2-135m", help="model alias or directory")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model alias or directory")
     p.add_argument(
         "--pairs",
         nargs="+",
@@ -689,12 +723,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    size, name = SIZES[args.size], args.size
+    size, name = SIZES[args.size], section_name(args)
     if args.eval_items:  # the same runs rescored: their own section, so the tables of each item count stay whole
-        size, name = {**size, "eval_items": args.eval_items}, f"{args.size}-eval{args.eval_items}"
-    tasks = TASKS[: size["tasks"]]
-    if args.task_set is not None:
-        name, tasks = f"{name}-set{args.task_set}", drawn_set(args.task_set)
+        size = {**size, "eval_items": args.eval_items}
+    tasks = TASKS[: size["tasks"]] if args.task_set is None else drawn_set(args.task_set)
     start = time.time()
     out = runs(args, size, tasks, work_root(name))
     path = RESULTS / "seesaw.json"
@@ -702,6 +734,7 @@ def main() -> None:
     saved["sizes"][name] = {
         "size": size,
         "tasks": tasks,
+        "model": args.model,
         "runs": merged(saved, name, size, out),
         "command": f"python bench/seesaw.py {' '.join(sys.argv[1:])}",
         "minutes": (time.time() - start) / 60,

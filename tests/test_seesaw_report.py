@@ -128,6 +128,28 @@ def test_a_task_set_runs_its_drawn_tasks_in_their_own_directories(tmp_path, monk
     assert seesaw.work_root("small-eval200") == seesaw.WORK / "small"
 
 
+def test_a_second_model_keeps_its_own_sections_directories_and_pools():
+    names = {
+        command: seesaw.section_name(_args(command))
+        for command in ("--size small --eval-items 200", "--size small --eval-items 200 --model gemma3-270m")
+        + ("--size small --eval-items 200 --task-set 2 --model gemma3-270m", "--size small --task-set 0")
+    }
+    assert list(names.values()) == [
+        "small-eval200",
+        "small-eval200@gemma3-270m",
+        "small-eval200-set2@gemma3-270m",
+        "small-set0",
+    ]
+    assert seesaw.work_root("small-eval200@gemma3-270m") == seesaw.WORK / "small" / "gemma3-270m"
+    assert seesaw.work_root("small-eval200-set2@gemma3-270m") == seesaw.WORK / "small" / "set2" / "gemma3-270m"
+    sections = dict.fromkeys(["small-eval200-set0", "small-eval200-set1", "small-eval200-set0@gemma3-270m"], {})
+    groups = seesaw.task_set_groups({**sections, "small-eval200": {}, "small-eval200@gemma3-270m": {}})
+    assert {k: sorted(v) for k, v in groups.items()} == {
+        "small-eval200": ["small-eval200-set0", "small-eval200-set1"],
+        "small-eval200@gemma3-270m": ["small-eval200-set0@gemma3-270m"],
+    }
+
+
 def test_each_core_size_p_of_matched_is_its_own_run_and_row(tmp_path):
     args = _args("--parts matched --matched-p auto --matched-baselines multitask_matched")
     configs, starts = seesaw.seed_configs(args, seesaw.SIZES["small"], seesaw.TASKS[:3], tmp_path, 0)
@@ -284,3 +306,15 @@ def test_larger_stages_spend_the_matched_budget_and_are_judged_against_its_basel
     assert "yes, CPI-FT ahead" in rows["multitask_matched"] and "2 of 2" in rows["multitask_matched"]
     assert "yes, CPI-FT ahead" in rows["cpi_ft (probes 40)"]  # the 40-step-probe CPI-FT of the same seeds
     assert seesaw.rebalanced_section({"matched": matched}) == []
+
+
+def test_the_overlap_table_reads_the_plan_a_result_kept_once_its_run_directory_is_gone(tmp_path):
+    plan = {"tasks": ["a", "b", "c"], "jaccard": [[1, 0.1, 0.2], [0.1, 1, 0.3], [0.2, 0.3, 1]], "stages": [1, 2]}
+    plan["chance"] = [[1, 0.05, 0.05], [0.05, 1, 0.05], [0.05, 0.05, 1]]
+    (tmp_path / "seed1" / "ablation-p_0.05").mkdir(parents=True)
+    save_json(plan | {"groups": []}, tmp_path / "seed1" / "ablation-p_0.05" / "plan.json")
+    assert seesaw.plan_summary(tmp_path / "seed1" / "ablation-p_0.05") == plan
+    seeds = {"0": {"plan": plan}, "1": {}, "2": {}}  # seed 1 from its plan.json, seed 2's run gone
+    lines = seesaw.overlap_section(tmp_path, {"p_0.05": seeds, "no_fusion": {"0": {"plan": plan}}})
+    assert lines[-1] == "| p_0.05 | 0.200 | 0.050 | 2 |"  # mean of (0.1, 0.2, 0.3) twice; two stages each
+    assert len(lines) == 6  # the title, the header and one row: no_fusion changes neither p nor granularity
