@@ -122,7 +122,7 @@ def screen_one(name: str, screened: list[str], model_name: str, items: int, out:
     trains probes of: `name` and at least one other) and score base, majority answer and probe."""
     from peft import PeftModel
 
-    from peft_isolate.evaluate import evaluate, majority_baseline
+    from peft_isolate.evaluate import evaluate, majority_baseline, merged_for_generation
     from peft_isolate.models import load_model
     from peft_isolate.pipeline import run_pipeline
 
@@ -133,7 +133,7 @@ def screen_one(name: str, screened: list[str], model_name: str, items: int, out:
     model, tokenizer = load_model(model_name)
     settings = {"max_new_tokens": config.eval.max_new_tokens, "batch_size": config.eval.batch_size}
     base = evaluate(model, tokenizer, [task], **settings)[name]["score"]
-    probe = PeftModel.from_pretrained(model, out / "probes" / name)
+    probe = merged_for_generation(PeftModel.from_pretrained(model, out / "probes" / name))
     lifted = evaluate(probe, tokenizer, [task], **settings)[name]["score"]
     majority = majority_baseline(task)
     return {

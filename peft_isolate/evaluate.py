@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from matplotlib.figure import Figure
+from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -28,6 +29,15 @@ Scores = dict[str, dict[str, float]]  # task -> {"score": x, "exact": y}
 def extract_answer(generation: str) -> str:
     """The first line of the stripped generation."""
     return generation.strip().split("\n", 1)[0].strip()
+
+
+def merged_for_generation(model: PreTrainedModel) -> PreTrainedModel:
+    """`model` with its adapter merged into its base, in place, when the base is full precision: generation then
+    runs plain layers instead of adding the adapter's work to every token. A quantized base keeps its adapter
+    (merging would round the base); a model without an adapter is returned as it is."""
+    if isinstance(model, PeftModel) and getattr(model.get_base_model(), "hf_quantizer", None) is None:
+        return model.merge_and_unload()
+    return model
 
 
 @torch.inference_mode()

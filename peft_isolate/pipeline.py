@@ -30,7 +30,7 @@ from . import rundir
 from ._io import artifact_damage, atomic_dir, load_json, load_tensors, save_json, save_pretrained_atomic, save_tensors
 from .card import write_card
 from .data import RG_PREFIX, Example, TaskData, load_task, mix, sample
-from .evaluate import evaluate, majority_baseline, method_entry, write_results
+from .evaluate import evaluate, majority_baseline, merged_for_generation, method_entry, write_results
 from .fusion import fuse_deltas
 from .models import load_model, resolve_model
 from .plan import StagePlan, draw_overlap, format_plan, plan_stages
@@ -620,6 +620,7 @@ def run_evaluations(run: Run, methods: dict[str, tuple[Path | None, str]], meta:
 
         def work(artifact=artifact, path=path, tasks=tasks):
             model, tokenizer = run.load(artifact)
+            model = merged_for_generation(model)  # a throwaway copy of the base
             scores = evaluate(model, tokenizer, tasks, r.eval.max_new_tokens, r.eval.batch_size)
             save_json(method_entry(scores), path)
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from peft import PeftModel, get_peft_model
 from tiny import tiny_llama
 
+from peft_isolate import IsolationConfig
 from peft_isolate import evaluate as ev
 from peft_isolate.data import Example, TaskData, exact_match, load_task, normalize, prompt_text
 from peft_isolate.evaluate import (
@@ -14,6 +17,7 @@ from peft_isolate.evaluate import (
     extract_answer,
     generate,
     majority_baseline,
+    merged_for_generation,
     method_entry,
     write_results,
 )
@@ -57,6 +61,23 @@ def test_generation_batched_equals_unbatched_and_restores_state(tiny):
     many = generate(model, tok, prompts, max_new_tokens=6, batch_size=4)
     assert one == many and all(isinstance(s, str) for s in one)
     assert model.training and tok.padding_side == "right"
+
+
+@pytest.mark.parametrize("kind", ["fp32", "nf4"])
+def test_an_adapter_is_merged_for_generation_only_over_a_full_precision_base(load_tiny, kind):
+    model = get_peft_model(load_tiny(kind), IsolationConfig(target_modules=["q_proj", "up_proj"], density=0.2))
+    for param in model.parameters():
+        if param.requires_grad:
+            torch.nn.init.normal_(param, std=0.5)  # an adapter that changes the output
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+    merged = merged_for_generation(model)
+    assert isinstance(merged, PeftModel) == (kind == "nf4")  # merging would round a 4-bit base
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted, rtol=1e-5, atol=1e-5)
+    base = load_tiny()
+    assert merged_for_generation(base) is base
 
 
 def test_evaluate_scores_each_task_on_its_own_items(tiny, tmp_path, monkeypatch):
