@@ -7,10 +7,13 @@
    `--seed`. A generator is *short* when the longest of 50 sampled answers is at most `SHORT_TOKENS` tokens of the
    model's tokenizer (the small size generates 16 new tokens: this leaves room for the end of turn and a stray
    token). The first `--sample` short ones are screened; a larger `--sample` screens further down the same stream.
-2. Each: the small size's single-task LoRA probe (256 train items, 40 steps) through the pipeline, then the base
-   and the probe scored on `--items` screening items: task seed `SCREEN_SEED`, leaving out every question that
-   is among the benchmark's eval items (task seeds 100-103, which `seesaw.py` uses). A generator *passes* when
-   the probe scores at least 10 points above both the base and the majority answer.
+   A short generator that cannot give the screening items (too few distinct questions) is marked unusable before
+   any training and does not count.
+2. Each: the small size's single-task LoRA probe (256 train items, 40 steps) through the pipeline's probe step,
+   then the base and the probe scored on `--items` screening items: task seed `SCREEN_SEED`, leaving out the
+   probe's train questions and every question among the benchmark's eval items (task seeds 100-103, which
+   `seesaw.py` uses). A generator *passes* when the probe scores at least 10 points above both the base and the
+   majority answer.
 3. Sets: a seeded random draw (`--seed`, recorded) of `--sets` disjoint sets of three passing generators, each
    spanning at least two answer formats (number, word, list). Nothing is swapped by hand after a result.
 
@@ -21,6 +24,7 @@ Writes bench/results/screen.md and screen.json.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import re
 import sys
@@ -39,6 +43,7 @@ BENCH_SEEDS = range(100, 104)
 SHORT_TOKENS = 12
 LIFT = 0.10
 SCREEN_WORK = WORK.parent / "screen"  # one run directory: every screened generator's probe
+PARTNER = "calendar_arithmetic"  # a seesaw task (never a candidate) that generates its items fast
 _NUMBER = re.compile(r"-?\d+(?:[./]\d+)?")
 
 
@@ -110,26 +115,26 @@ def screening_task(name: str, items: int):
 
 def probe_recipe(names: list[str], out: Path, model_name: str) -> Recipe:
     """The small size's recipe over generators `names` (a recipe holds two tasks or more), each trained on items of
-    task seed SCREEN_SEED. Its probe step trains each generator alone under a key of that generator only, so a
-    longer list reuses the probes a shorter one trained."""
+    task seed SCREEN_SEED. A probe's key depends on its own generator only, whatever else the recipe holds."""
     size = SIZES["small"]
     specs = {n: {"source": f"reasoning_gym:{n}", "train": size["train"], "eval": 8, "seed": SCREEN_SEED} for n in names}
     return recipe(size, names, 0, out, model_name, tasks=specs)
 
 
-def screen_one(name: str, screened: list[str], model_name: str, items: int, out: Path = SCREEN_WORK) -> dict:
-    """Train the small size's probe of generator `name` (among `screened`, the generators the run directory `out`
-    trains probes of: `name` and at least one other) and score base, majority answer and probe."""
+def screen_one(task, model_name: str, out: Path = SCREEN_WORK) -> dict:
+    """Train the small size's probe of one generator (`task`: its screening items, `screening_task`) in the run
+    directory `out`, unless a complete one is there, and score base, majority answer and probe."""
     from peft import PeftModel
 
+    from peft_isolate import rundir
     from peft_isolate.evaluate import evaluate, majority_baseline, merged_for_generation
     from peft_isolate.models import load_model
-    from peft_isolate.pipeline import run_pipeline
+    from peft_isolate.pipeline import load_run, run_probe
 
-    start = time.time()
-    config = probe_recipe(screened, out, model_name)
-    run_pipeline(config, until="probe")
-    task = screening_task(name, items)
+    start, name = time.time(), task.name
+    config = probe_recipe([name, PARTNER], out, model_name)  # a recipe holds two tasks; the partner never trains
+    with rundir.claim(out):
+        run_probe(load_run(config), name)
     model, tokenizer = load_model(model_name)
     settings = {"max_new_tokens": config.eval.max_new_tokens, "batch_size": config.eval.batch_size}
     base = evaluate(model, tokenizer, [task], **settings)[name]["score"]
@@ -161,7 +166,7 @@ def write_report(saved: dict, path: Path = RESULTS / "screen.md") -> str:
     ]
     for i, (name, r) in enumerate(rows.items()):
         if "probe" not in r:
-            state = "not short" if r["tokens"] > SHORT_TOKENS else "not screened yet"
+            state = "not short" if r["tokens"] > SHORT_TOKENS else "unusable" if "unusable" in r else "not screened yet"
             lines.append(f"| {i} | {name} | {r['format']} | {r['tokens']} | - | - | - | {state} | - |")
             continue
         lines.append(
@@ -190,8 +195,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the generator stream and of the set draw")
     p.add_argument("--model", default="smollm2-135m")
     args = p.parse_args()
-    if args.sample < 2:
-        raise SystemExit(f"--sample {args.sample}: screen at least 2 generators (a recipe holds two tasks or more)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as the pipeline does: saving an adapter would ask the Hub
     path = SCREENED
     saved = load_json(path) if path.exists() else {"generators": {}}
     if saved.get("seed", args.seed) != args.seed or saved.get("items", args.items) != args.items:
@@ -206,20 +210,25 @@ def main() -> None:
         "commit": commit,
     }
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))  # only to count answer tokens
-    short = []
+    screened = 0
     for name, fmt, tokens in candidates(args.seed, tokenizer):
-        if len(short) == args.sample:
+        if screened == args.sample:
             break
-        saved["generators"].setdefault(name, {"format": fmt, "tokens": tokens})
-        if tokens <= SHORT_TOKENS:
-            short.append(name)
-    for k, name in enumerate(short):
-        entry = saved["generators"][name]
+        entry = saved["generators"].setdefault(name, {"format": fmt, "tokens": tokens})
+        if tokens > SHORT_TOKENS or "unusable" in entry:
+            continue
         if "probe" not in entry:
-            print(f"== screening {name} ({k + 1}/{len(short)})", flush=True)
-            entry |= screen_one(name, short[: max(k + 1, 2)], args.model, args.items)
+            print(f"== screening {name} ({screened + 1}/{args.sample})", flush=True)
+            try:  # before any training: a generator with too few distinct questions cannot be screened
+                task = screening_task(name, args.items)
+            except ValueError as e:
+                entry["unusable"] = str(e)
+                print(f"unusable: {e}", flush=True)
+            else:
+                entry |= screen_one(task, args.model)
             save_json(saved, path)
             write_report(saved)
+        screened += "probe" in entry
     passing = {n: r["format"] for n, r in saved["generators"].items() if r.get("passed")}
     try:
         saved["sets"], saved["sets_error"] = draw_sets(passing, args.sets, 3, args.seed), None

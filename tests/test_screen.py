@@ -74,28 +74,31 @@ def test_a_longer_list_of_generators_keeps_each_probes_key(tiny_dir, tmp_path):
     assert probe_key(longer, "letter_counting") != probe_key(longer, "word_sorting")
 
 
-def test_screening_trains_the_probe_once_and_scores_it_on_the_screening_items(tiny_dir, tmp_path):
-    first = screen_one("basic_arithmetic", ["basic_arithmetic", "letter_counting"], str(tiny_dir), 16, tmp_path)
-    probe = tmp_path / "probes" / "letter_counting" / "adapter_model.safetensors"
-    trained = probe.stat().st_mtime_ns  # the first generator's run trained its partner's probe too
-    second = screen_one("letter_counting", ["basic_arithmetic", "letter_counting"], str(tiny_dir), 16, tmp_path)
-    assert probe.stat().st_mtime_ns == trained
-    adapters = sorted(p.parent.name for p in (tmp_path / "probes").glob("*/adapter_model.safetensors"))
-    assert adapters == ["basic_arithmetic", "letter_counting"]
-    for result in (first, second):
+def test_screening_trains_only_its_generators_probe_and_once(tiny_dir, tmp_path):
+    task = screening_task("basic_arithmetic", 16)
+    first = screen_one(task, str(tiny_dir), tmp_path)
+    probe = tmp_path / "probes" / "basic_arithmetic" / "adapter_model.safetensors"
+    trained = probe.stat().st_mtime_ns
+    again = screen_one(task, str(tiny_dir), tmp_path)
+    assert probe.stat().st_mtime_ns == trained  # a complete probe is not trained again
+    assert [p.parent.name for p in (tmp_path / "probes").glob("*/adapter_model.safetensors")] == ["basic_arithmetic"]
+    for result in (first, again):
         assert {"base", "majority", "probe", "passed", "minutes"} <= set(result)
         assert all(0 <= result[k] <= 1 for k in ("base", "majority", "probe"))
+    assert again["probe"] == first["probe"] and again["base"] == first["base"]
 
 
 def test_the_report_tells_a_pending_generator_from_a_long_one(tmp_path):
     screened = {"base": 0.1, "majority": 0.2, "probe": 0.5, "passed": True, "minutes": 3.0}
     generators = {"a": {"format": "number", "tokens": 2, **screened}, "b": {"format": "word", "tokens": 3}}
     saved = {"command": "c", "date": "d", "device": "e", "commit": "f", "seed": 0, "items": 200}
-    text = write_report(saved | {"generators": generators | {"c": {"format": "list", "tokens": 40}}}, tmp_path / "s.md")
+    generators |= {"c": {"format": "list", "tokens": 40}, "d": {"format": "word", "tokens": 2, "unusable": "few"}}
+    text = write_report(saved | {"generators": generators}, tmp_path / "s.md")
     rows = [line.split(" | ")[1:8] for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert rows == [
         ["a", "number", "2", "10.0", "20.0", "50.0", "yes"],
         ["b", "word", "3", "-", "-", "-", "not screened yet"],
         ["c", "list", "40", "-", "-", "-", "not short"],
+        ["d", "word", "2", "-", "-", "-", "unusable"],
     ]
     assert (tmp_path / "s.md").read_text() == text
