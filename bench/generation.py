@@ -40,7 +40,7 @@ def main() -> None:
     args = p.parse_args()
     base, tokenizer = load_model(args.model, "none")
     per_task = args.prompts // 3
-    examples = [e for t in TASKS[:3] for e in load_task(f"reasoning_gym:{t}", train=0, eval=per_task, seed=100).eval]
+    examples = [e for t in TASKS[:3] for e in load_task(f"reasoning_gym:{t}", train=1, eval=per_task, seed=100).eval]
     prompts = [prompt_text(e, tokenizer) for e in examples]
     rows = []
     for name, config in ADAPTERS.items():
