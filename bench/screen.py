@@ -200,14 +200,13 @@ def main() -> None:
     saved = load_json(path) if path.exists() else {"generators": {}}
     if saved.get("seed", args.seed) != args.seed or saved.get("items", args.items) != args.items:
         raise SystemExit(f"{path} holds another seed or item count: move it away to screen afresh")
-    commit = provenance.commit()
     saved |= {
         "seed": args.seed,
         "items": args.items,
         "command": "python bench/screen.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),
         "device": provenance.device(),
-        "commit": commit,
+        "commit": provenance.commit(),
     }
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))  # only to count answer tokens
     screened = 0

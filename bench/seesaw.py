@@ -429,8 +429,7 @@ def overlap_section(root: Path, ablations: dict[str, dict[str, dict]]) -> list[s
     rows = []
     for change, seeds in ablations.items():
         plans = [
-            result.get("plan") or _plan_file(root / f"seed{k}" / f"ablation-{change}" / "plan.json")
-            for k, result in seeds.items()
+            result.get("plan") or plan_summary(root / f"seed{k}" / f"ablation-{change}") for k, result in seeds.items()
         ]
         plans = [p for p in plans if p]
         if not plans or not (change.startswith("p_") or "_p0" in change):
@@ -451,10 +450,7 @@ def overlap_section(root: Path, ablations: dict[str, dict[str, dict]]) -> list[s
 
 def plan_summary(run_dir: Path) -> dict | None:
     """What seesaw.md reports of a run's plan (tasks, core overlap, stages), kept with its results."""
-    return _plan_file(run_dir / "plan.json")
-
-
-def _plan_file(path: Path) -> dict | None:
+    path = run_dir / "plan.json"
     plan = load_json(path) if path.is_file() else None
     return {k: plan[k] for k in ("tasks", "jaccard", "chance", "stages")} if plan else None
 
