@@ -96,6 +96,7 @@ ABLATIONS = {
     "short_probes_p0.05": {"regions": {"p": 0.05}, "probe": {"steps": 10}, "stages": {"steps": 70}},
 }
 REBALANCED = "short_probes_p0.05"
+RENAMED = {"probe": "single_task (probe)"}  # method ids as the tables name them
 
 
 def recipe(size: dict, names: list[str], seed: int, out: Path, model: str, **changes) -> Recipe:
@@ -379,7 +380,13 @@ def report(name: str, entry: dict) -> tuple[list[str], dict]:
         lines += ["", f"Optimizer steps (seed {seeds_of[config][0]}): " + json.dumps(steps)]
         kept = {k: runs[config][k].get("meta", {}).get("kept") for k in seeds_of[config]}
         lines += [f"Seed {k}: {', '.join(m)} from an earlier training of the same recipe" for k, m in kept.items() if m]
-        lines += goals({"methods": methods})
+        named = {m for r in out[config] for m in r["methods"] if "@" not in m}
+        partial = {RENAMED.get(m, m): [k for k in seeds_of[config] if m in runs[config][k]["methods"]] for m in named}
+        partial = {m: k for m, k in partial.items() if len(k) < len(seeds_of[config])}
+        lines += [
+            f"{m}: seeds {', '.join(k)} only, so left out of the margins and the goals" for m, k in partial.items()
+        ]
+        lines += goals({"methods": {m: v for m, v in methods.items() if m not in partial}})
     lines += p_section(runs)
     forgetting = {k.split("/", 1)[1]: v for k, v in out.items() if k.startswith("forgetting/")}
     if forgetting:
@@ -524,7 +531,7 @@ def rebalanced_section(runs: dict[str, dict[str, dict]]) -> list[str]:
 
 def methods_section(title: str, seeds: list[dict]) -> tuple[list[str], dict]:
     """A methods x tasks table (mean ± std over seeds, exact match in brackets) and the seed means."""
-    tasks, table = main_table(seeds, {"probe": "single_task (probe)"})
+    tasks, table = main_table(seeds, RENAMED)
     majority = seeds[0]["majority"]
     lines = [title, "", "| method | " + " | ".join(tasks) + " | avg |", "|---" * (len(tasks) + 2) + "|"]
     lines.append("| majority answer | " + " | ".join(f"{100 * majority[t]:.1f}" for t in tasks) + " | |")
@@ -601,7 +608,7 @@ def goals(aggregate: dict) -> list[str]:
     for baseline in ("multitask_matched", "lora_multitask_matched", "multitask_all_weights_matched"):
         if cpi and baseline in methods:
             rows.append((f"CPI-FT average >= {baseline} average", cpi["avg"] - methods[baseline]["avg"]))
-    single = methods.get("single_task (probe)")
+    single = methods.get(RENAMED["probe"])
     if cpi and single:
         worst = min(cpi["tasks"][t] - single["tasks"][t] + 0.02 for t in single["tasks"])
         rows.append(("no task more than 2 points under its single-task score", worst))
@@ -638,7 +645,7 @@ def pooled_section(sets: dict[str, dict]) -> list[str]:
     lines = [title, *margins_section(runs)]
     methods: dict[str, dict] = {}
     for name, seeds in matched.items():
-        _, table = main_table(seeds, {"probe": "single_task (probe)"})
+        _, table = main_table(seeds, RENAMED)
         for method, row in table.items():
             pooled = methods.setdefault(method, {"tasks": {}, "avgs": []})
             pooled["tasks"] |= {f"{t} ({name})": statistics.mean(v) for t, v in row["tasks"].items()}

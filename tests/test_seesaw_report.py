@@ -282,6 +282,10 @@ def test_a_baseline_run_later_joins_its_seeds_saved_run():
     }
     report = "\n".join(seesaw.report("small", entry)[0])
     assert "Seed 0: multitask_matched from an earlier training of the same recipe" in report
+    # seed 1 lacks multitask_matched: its seed-0 score against CPI-FT's two-seed mean would be no goal at all
+    assert "multitask_matched: seeds 0 only, so left out of the margins and the goals" in report
+    assert "CPI-FT average >= multitask_all_weights_matched average" in report
+    assert "CPI-FT average >= multitask_matched average" not in report
 
 
 def test_larger_stages_spend_the_matched_budget_and_are_judged_against_its_baselines(tmp_path):
