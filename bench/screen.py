@@ -13,7 +13,7 @@
    then the base and the probe scored on `--items` screening items: task seed `SCREEN_SEED`, leaving out the
    probe's train questions and every question among the benchmark's eval items (task seeds 100-103, which
    `seesaw.py` uses). A generator *passes* when the probe scores at least 10 points above both the base and the
-   majority answer.
+   majority answer; when base or majority already score above 90 no probe can, and none is trained ("no room").
 3. Sets: a seeded random draw (`--seed`, recorded) of `--sets` disjoint sets of three passing generators, each
    spanning at least two answer formats (number, word, list). Nothing is swapped by hand after a result.
 
@@ -122,8 +122,9 @@ def probe_recipe(names: list[str], out: Path, model_name: str) -> Recipe:
 
 
 def screen_one(task, model_name: str, out: Path = SCREEN_WORK) -> dict:
-    """Train the small size's probe of one generator (`task`: its screening items, `screening_task`) in the run
-    directory `out`, unless a complete one is there, and score base, majority answer and probe."""
+    """Score base and majority answer on one generator's screening items (`task`, `screening_task`); unless they
+    already leave no room for a 10-point lift, train the small size's probe in the run directory `out` (unless a
+    complete one is there) and score it."""
     from peft import PeftModel
 
     from peft_isolate import rundir
@@ -133,19 +134,21 @@ def screen_one(task, model_name: str, out: Path = SCREEN_WORK) -> dict:
 
     start, name = time.time(), task.name
     config = probe_recipe([name, PARTNER], out, model_name)  # a recipe holds two tasks; the partner never trains
-    with rundir.claim(out):
-        run_probe(load_run(config), name)
     model, tokenizer = load_model(model_name)
     settings = {"max_new_tokens": config.eval.max_new_tokens, "batch_size": config.eval.batch_size}
-    base = evaluate(model, tokenizer, [task], **settings)[name]["score"]
+    scores = {
+        "base": evaluate(model, tokenizer, [task], **settings)[name]["score"],
+        "majority": majority_baseline(task),
+    }
+    if max(scores.values()) + LIFT > 1:  # no probe can pass: none is trained
+        return scores | {"passed": False, "minutes": (time.time() - start) / 60}
+    with rundir.claim(out):
+        run_probe(load_run(config), name)
     probe = merged_for_generation(PeftModel.from_pretrained(model, out / "probes" / name))
     lifted = evaluate(probe, tokenizer, [task], **settings)[name]["score"]
-    majority = majority_baseline(task)
-    return {
-        "base": base,
-        "majority": majority,
+    return scores | {
         "probe": lifted,
-        "passed": lifted >= max(base, majority) + LIFT,
+        "passed": lifted >= max(scores.values()) + LIFT,
         "minutes": (time.time() - start) / 60,
     }
 
@@ -165,13 +168,16 @@ def write_report(saved: dict, path: Path = RESULTS / "screen.md") -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for i, (name, r) in enumerate(rows.items()):
-        if "probe" not in r:
+        if "passed" not in r:
             state = "not short" if r["tokens"] > SHORT_TOKENS else "unusable" if "unusable" in r else "not screened yet"
             lines.append(f"| {i} | {name} | {r['format']} | {r['tokens']} | - | - | - | {state} | - |")
             continue
+        probe, passed = (
+            (f"{100 * r['probe']:.1f}", "yes" if r["passed"] else "no") if "probe" in r else ("-", "no room")
+        )
         lines.append(
             f"| {i} | {name} | {r['format']} | {r['tokens']} | {100 * r['base']:.1f} | {100 * r['majority']:.1f} "
-            f"| {100 * r['probe']:.1f} | {'yes' if r['passed'] else 'no'} | {r['minutes']:.1f} |"
+            f"| {probe} | {passed} | {r['minutes']:.1f} |"
         )
     if saved.get("sets"):
         lines += ["", f"Task sets (seeded draw, seed {saved['seed']}):", ""]
@@ -216,7 +222,7 @@ def main() -> None:
         entry = saved["generators"].setdefault(name, {"format": fmt, "tokens": tokens})
         if tokens > SHORT_TOKENS or "unusable" in entry:
             continue
-        if "probe" not in entry:
+        if "passed" not in entry:
             print(f"== screening {name} ({screened + 1}/{args.sample})", flush=True)
             try:  # before any training: a generator with too few distinct questions cannot be screened
                 task = screening_task(name, args.items)
@@ -227,7 +233,7 @@ def main() -> None:
                 entry |= screen_one(task, args.model)
             save_json(saved, path)
             write_report(saved)
-        screened += "probe" in entry
+        screened += "passed" in entry
     passing = {n: r["format"] for n, r in saved["generators"].items() if r.get("passed")}
     try:
         saved["sets"], saved["sets_error"] = draw_sets(passing, args.sets, 3, args.seed), None

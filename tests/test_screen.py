@@ -4,6 +4,7 @@ benchmark's eval items."""
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from screen import (  # noqa: E402
 )
 from seesaw import SIZES  # noqa: E402
 
-from peft_isolate.data import load_task  # noqa: E402
+from peft_isolate.data import TaskData, load_task  # noqa: E402
 from peft_isolate.pipeline import load_run, probe_key  # noqa: E402
 
 
@@ -88,11 +89,26 @@ def test_screening_trains_only_its_generators_probe_and_once(tiny_dir, tmp_path)
     assert again["probe"] == first["probe"] and again["base"] == first["base"]
 
 
+def test_no_probe_trains_where_the_majority_answer_leaves_no_room_to_pass(tiny_dir, tmp_path):
+    task = screening_task("basic_arithmetic", 16)
+    one = task.train[0].answer  # every item's reference answer the same: the majority answer scores 100
+    task = TaskData(
+        task.name,
+        [replace(e, answer=one) for e in task.train],
+        [replace(e, answer=one) for e in task.eval],
+        lambda prediction, example: float(prediction == example.answer),
+    )
+    result = screen_one(task, str(tiny_dir), tmp_path)
+    assert result["majority"] == 1.0 and result["passed"] is False and "probe" not in result
+    assert not (tmp_path / "probes").exists()
+
+
 def test_the_report_tells_a_pending_generator_from_a_long_one(tmp_path):
     screened = {"base": 0.1, "majority": 0.2, "probe": 0.5, "passed": True, "minutes": 3.0}
     generators = {"a": {"format": "number", "tokens": 2, **screened}, "b": {"format": "word", "tokens": 3}}
     saved = {"command": "c", "date": "d", "device": "e", "commit": "f", "seed": 0, "items": 200}
     generators |= {"c": {"format": "list", "tokens": 40}, "d": {"format": "word", "tokens": 2, "unusable": "few"}}
+    generators |= {"e": {"format": "word", "tokens": 1, "base": 0.5, "majority": 1.0, "passed": False, "minutes": 1.0}}
     text = write_report(saved | {"generators": generators}, tmp_path / "s.md")
     rows = [line.split(" | ")[1:8] for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert rows == [
@@ -100,5 +116,6 @@ def test_the_report_tells_a_pending_generator_from_a_long_one(tmp_path):
         ["b", "word", "3", "-", "-", "-", "not screened yet"],
         ["c", "list", "40", "-", "-", "-", "not short"],
         ["d", "word", "2", "-", "-", "-", "unusable"],
+        ["e", "word", "1", "50.0", "100.0", "-", "no room"],
     ]
     assert (tmp_path / "s.md").read_text() == text
