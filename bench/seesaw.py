@@ -384,7 +384,8 @@ def report(name: str, entry: dict) -> tuple[list[str], dict]:
         partial = {RENAMED.get(m, m): [k for k in seeds_of[config] if m in runs[config][k]["methods"]] for m in named}
         partial = {m: k for m, k in partial.items() if len(k) < len(seeds_of[config])}
         lines += [
-            f"{m}: seeds {', '.join(k)} only, so left out of the margins and the goals" for m, k in partial.items()
+            f"{m}: seeds {', '.join(k)} so far: its margin is over those, and it is left out of the goals"
+            for m, k in partial.items()
         ]
         lines += goals({"methods": {m: v for m, v in methods.items() if m not in partial}})
     lines += p_section(runs)
@@ -578,19 +579,21 @@ def margins_section(seeds: list[dict], method: str = "cpi_ft") -> list[str]:
         "| baseline | margin | per seed | 95% interval | interval excludes 0 | ahead in |",
         "|---|---|---|---|---|---|",
     ]
-    for other in seeds[0]["methods"]:
+    for other in dict.fromkeys(m for r in seeds for m in r["methods"]):
         if other == method or "@" in other or other == "base":
             continue
-        pairs = [(r["methods"][method].get("items"), r["methods"].get(other, {}).get("items")) for r in seeds]
+        scored = [r for r in seeds if other in r["methods"]]  # a baseline added later: the runs it has so far
+        pairs = [(r["methods"][method].get("items"), r["methods"][other].get("items")) for r in scored]
         if not all(a and b and set(a) == set(b) for a, b in pairs):
             continue  # single-task rows, or a seed scored before per-item scores were kept
         margin, low, high = bootstrap_margin(pairs)
-        margins = [r["methods"][method]["avg"] - r["methods"][other]["avg"] for r in seeds]
+        margins = [r["methods"][method]["avg"] - r["methods"][other]["avg"] for r in scored]
         per_seed = ", ".join(f"{100 * m:+.1f}" for m in margins)
         verdict = "yes, CPI-FT ahead" if low > 0 else "yes, CPI-FT behind" if high < 0 else "no"
+        name = other if len(scored) == len(seeds) else f"{other} ({len(scored)} of {len(seeds)} runs)"
         lines.append(
-            f"| {other} | {100 * margin:+.1f} | {per_seed} | [{100 * low:+.1f}, {100 * high:+.1f}] | {verdict} "
-            f"| {sum(m > 0 for m in margins)} of {len(seeds)} |"
+            f"| {name} | {100 * margin:+.1f} | {per_seed} | [{100 * low:+.1f}, {100 * high:+.1f}] | {verdict} "
+            f"| {sum(m > 0 for m in margins)} of {len(scored)} |"
         )
     return lines
 

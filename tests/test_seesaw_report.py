@@ -70,6 +70,17 @@ def test_the_table_says_which_margins_the_interval_separates():
     assert "| no |" in rows.split("| lora_multitask |")[1].split("\n")[0] and "| probe |" not in rows
 
 
+def test_a_baseline_on_fewer_seeds_gets_its_margin_over_those_seeds_only():
+    runs = [_run(0.5, {"multitask": 0.3, "all_weights": 0.5}, ["t"], s) for s in range(3)]
+    del runs[2]["methods"]["all_weights"]  # a baseline added later, not yet run on the third seed
+    rows = margins_section(runs)
+    cells = next(r for r in rows if r.startswith("| all_weights")).split(" | ")
+    margins = [r["methods"]["cpi_ft"]["avg"] - r["methods"]["all_weights"]["avg"] for r in runs[:2]]
+    assert cells[0] == "| all_weights (2 of 3 runs)" and cells[2] == ", ".join(f"{100 * m:+.1f}" for m in margins)
+    assert cells[-1] == f"{sum(m > 0 for m in margins)} of 2 |"
+    assert next(r for r in rows if r.startswith("| multitask |")).endswith("| 3 of 3 |")
+
+
 def _run(cpi: float, others: dict[str, float], tasks: list[str], seed: int) -> dict:
     """One run's results.json: per method per task 200 per-item scores drawn at the given rate."""
     methods = {}
@@ -283,7 +294,7 @@ def test_a_baseline_run_later_joins_its_seeds_saved_run():
     report = "\n".join(seesaw.report("small", entry)[0])
     assert "Seed 0: multitask_matched from an earlier training of the same recipe" in report
     # seed 1 lacks multitask_matched: its seed-0 score against CPI-FT's two-seed mean would be no goal at all
-    assert "multitask_matched: seeds 0 only, so left out of the margins and the goals" in report
+    assert "multitask_matched: seeds 0 so far: its margin is over those, and it is left out of the goals" in report
     assert "CPI-FT average >= multitask_all_weights_matched average" in report
     assert "CPI-FT average >= multitask_matched average" not in report
 
