@@ -380,9 +380,11 @@ def report(name: str, entry: dict) -> tuple[list[str], dict]:
         lines += ["", f"Optimizer steps (seed {seeds_of[config][0]}): " + json.dumps(steps)]
         kept = {k: runs[config][k].get("meta", {}).get("kept") for k in seeds_of[config]}
         lines += [f"Seed {k}: {', '.join(m)} from an earlier training of the same recipe" for k, m in kept.items() if m]
-        named = {m for r in out[config] for m in r["methods"] if "@" not in m}
-        partial = {RENAMED.get(m, m): [k for k in seeds_of[config] if m in runs[config][k]["methods"]] for m in named}
-        partial = {m: k for m, k in partial.items() if len(k) < len(seeds_of[config])}
+        scored: dict[str, list[str]] = {}  # method (as the table names it) -> the seeds that ran it
+        for k in seeds_of[config]:
+            for m in runs[config][k]["methods"]:
+                scored.setdefault(RENAMED.get(m, m), []).append(k)
+        partial = {m: k for m, k in scored.items() if "@" not in m and len(k) < len(seeds_of[config])}
         lines += [
             f"{m}: seeds {', '.join(k)} so far: its margin is over those, and it is left out of the goals"
             for m, k in partial.items()
