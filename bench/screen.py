@@ -2,20 +2,24 @@
 
     python bench/screen.py --sample 12             # screen the first 12 short-answer generators of the seed stream
     python bench/screen.py --sample 18 --sets 3    # screen 6 more of the same stream, then draw 3 sets of 3
+    python bench/screen.py --sample 60 --max-answer-tokens 28   # the same stream's second tier: longer answers
 
 1. Candidates: every reasoning-gym generator except the seesaw's own tasks, in the order of a shuffle seeded by
-   `--seed`. A generator is *short* when the longest of 50 sampled answers is at most `SHORT_TOKENS` tokens of the
-   model's tokenizer (the small size generates 16 new tokens: this leaves room for the end of turn and a stray
-   token). The first `--sample` short ones are screened; a larger `--sample` screens further down the same stream.
-   A short generator that cannot give the screening items (too few distinct questions) is marked unusable before
-   any training and does not count.
+   `--seed`. A generator is *short* when the longest of 50 sampled answers is at most `--max-answer-tokens` tokens
+   of the model's tokenizer, and is generated with the new tokens of the first tier in `ANSWER_TIERS` that holds
+   its answers (the small size's 16 for 12: room for the end of turn and a stray token). The first `--sample`
+   short ones are screened; a larger `--sample` screens further down the same stream, a larger
+   `--max-answer-tokens` its second tier in the same order. A short generator that cannot give the screening items
+   (too few distinct questions) is marked unusable before any training and does not count.
 2. Each: the small size's single-task LoRA probe (256 train items, 40 steps) through the pipeline's probe step,
    then the base and the probe scored on `--items` screening items: task seed `SCREEN_SEED`, leaving out the
    probe's train questions and every question among the benchmark's eval items (task seeds 100-103, which
    `seesaw.py` uses). A generator *passes* when the probe scores at least 10 points above both the base and the
    majority answer; when base or majority already score above 90 no probe can, and none is trained ("no room").
 3. Sets: a seeded random draw (`--seed`, recorded) of `--sets` disjoint sets of three passing generators, each
-   spanning at least two answer formats (number, word, list). Nothing is swapped by hand after a result.
+   spanning at least two answer formats (number, word, list). Nothing is swapped by hand after a result, and once
+   drawn the sets stay: later screening does not draw them again. A set's runs generate the largest new-token count
+   of its generators (`generation_length`).
 
 Resumable: probes live under bench/_work/screen/probes/<generator>/, scores in bench/results/screen.json.
 Writes bench/results/screen.md and screen.json.
@@ -40,7 +44,9 @@ from peft_isolate.recipe import Recipe
 RESULTS = Path(__file__).parent / "results"
 SCREEN_SEED = 7  # the screening items' task seed; the benchmark's tasks use 100 + their position
 BENCH_SEEDS = range(100, 104)
-SHORT_TOKENS = 12
+# longest answer (tokens) -> new tokens generated: the small size's tier, then a second one, for when the first
+# tier of the stream holds too few passing generators for the sets
+ANSWER_TIERS = {12: 16, 28: 32}
 LIFT = 0.10
 SCREEN_WORK = WORK.parent / "screen"  # one run directory: every screened generator's probe
 PARTNER = "calendar_arithmetic"  # a seesaw task (never a candidate) that generates its items fast
@@ -55,6 +61,12 @@ def answer_format(answers: list[str]) -> str:
     if sum(("," in a) or a.strip().startswith("[") for a in answers) > len(answers) / 2:
         return "list"
     return "word"
+
+
+def generation_length(answer_tokens: int) -> int | None:
+    """The new tokens a generator whose longest answer takes `answer_tokens` is generated with: the first tier of
+    `ANSWER_TIERS` that holds it, None past the last."""
+    return next((new for limit, new in ANSWER_TIERS.items() if answer_tokens <= limit), None)
 
 
 def draw_sets(passing: dict[str, str], n_sets: int, size: int, seed: int) -> list[list[str]]:
@@ -72,6 +84,18 @@ def draw_sets(passing: dict[str, str], n_sets: int, size: int, seed: int) -> lis
         f"{len(passing)} passing generators ({sorted(set(passing.values()))}) cannot give {n_sets} disjoint sets of "
         f"{size} spanning two answer formats: screen more (a larger --sample)"
     )
+
+
+def draw_once(saved: dict, n_sets: int) -> None:
+    """Draw `saved`'s task sets from its passing generators unless they were drawn before (a set's runs stay runs of
+    the same tasks however many generators pass later); `sets_error` says why none could be drawn yet."""
+    if saved.get("sets"):
+        return
+    passing = {n: r["format"] for n, r in saved["generators"].items() if r.get("passed")}
+    try:
+        saved["sets"], saved["sets_error"] = draw_sets(passing, n_sets, 3, saved["seed"]), None
+    except ValueError as e:
+        saved["sets"], saved["sets_error"] = None, str(e)
 
 
 def candidates(seed: int, tokenizer) -> list[tuple[str, str, int]]:
@@ -121,10 +145,10 @@ def probe_recipe(names: list[str], out: Path, model_name: str) -> Recipe:
     return recipe(size, names, 0, out, model_name, tasks=specs)
 
 
-def screen_one(task, model_name: str, out: Path = SCREEN_WORK) -> dict:
-    """Score base and majority answer on one generator's screening items (`task`, `screening_task`); unless they
-    already leave no room for a 10-point lift, train the small size's probe in the run directory `out` (unless a
-    complete one is there) and score it."""
+def screen_one(task, model_name: str, out: Path = SCREEN_WORK, max_new_tokens: int = 16) -> dict:
+    """Score base and majority answer on one generator's screening items (`task`, `screening_task`), generating
+    `max_new_tokens`; unless they already leave no room for a 10-point lift, train the small size's probe in the run
+    directory `out` (unless a complete one is there) and score it."""
     from peft import PeftModel
 
     from peft_isolate import rundir
@@ -135,7 +159,7 @@ def screen_one(task, model_name: str, out: Path = SCREEN_WORK) -> dict:
     start, name = time.time(), task.name
     config = probe_recipe([name, PARTNER], out, model_name)  # a recipe holds two tasks; the partner never trains
     model, tokenizer = load_model(model_name)
-    settings = {"max_new_tokens": config.eval.max_new_tokens, "batch_size": config.eval.batch_size}
+    settings = {"max_new_tokens": max_new_tokens, "batch_size": config.eval.batch_size}
     scores = {
         "base": evaluate(model, tokenizer, [task], **settings)[name]["score"],
         "majority": majority_baseline(task),
@@ -155,28 +179,31 @@ def screen_one(task, model_name: str, out: Path = SCREEN_WORK) -> dict:
 
 def write_report(saved: dict, path: Path = RESULTS / "screen.md") -> str:
     """results/screen.md from screen.json: every generator the stream reached, screened, pending or too long."""
-    rows = saved["generators"]
+    rows, longest = saved["generators"], saved.get("max_answer_tokens", min(ANSWER_TIERS))
+    tiers = ", ".join(f"up to {limit} answer tokens with {new} new tokens" for limit, new in ANSWER_TIERS.items())
     lines = [
         "# Screening reasoning-gym generators (the seesaw's small size)",
         "",
         f"Command: `{saved['command']}`; {saved['date']}; {saved['device']}; commit {saved['commit']}.",
-        f"Seed stream {saved['seed']}; short = longest of 50 answers at most {SHORT_TOKENS} tokens; "
+        f"Seed stream {saved['seed']}; short = longest of 50 answers at most {longest} tokens, generated in tiers "
+        f"({tiers}); "
         f"{saved['items']} screening items per generator (task seed {SCREEN_SEED}, none of the benchmark's eval "
         f"items); pass = the 40-step probe at least {100 * LIFT:.0f} points above the base and the majority answer.",
         "",
-        "| # | generator | format | answer tokens | base | majority | probe | passed | minutes |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| # | generator | format | answer tokens | new tokens | base | majority | probe | passed | minutes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, (name, r) in enumerate(rows.items()):
         if "passed" not in r:
-            state = "not short" if r["tokens"] > SHORT_TOKENS else "unusable" if "unusable" in r else "not screened yet"
-            lines.append(f"| {i} | {name} | {r['format']} | {r['tokens']} | - | - | - | {state} | - |")
+            state = "not short" if r["tokens"] > longest else "unusable" if "unusable" in r else "not screened yet"
+            lines.append(f"| {i} | {name} | {r['format']} | {r['tokens']} | - | - | - | - | {state} | - |")
             continue
         probe, passed = (
             (f"{100 * r['probe']:.1f}", "yes" if r["passed"] else "no") if "probe" in r else ("-", "no room")
         )
         lines.append(
-            f"| {i} | {name} | {r['format']} | {r['tokens']} | {100 * r['base']:.1f} | {100 * r['majority']:.1f} "
+            f"| {i} | {name} | {r['format']} | {r['tokens']} | {generation_length(r['tokens'])} "
+            f"| {100 * r['base']:.1f} | {100 * r['majority']:.1f} "
             f"| {probe} | {passed} | {r['minutes']:.1f} |"
         )
     if saved.get("sets"):
@@ -196,7 +223,14 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sample", type=int, default=12, help="screen the first N short generators of the stream")
-    p.add_argument("--sets", type=int, default=3, help="task sets of three to draw from those that pass")
+    p.add_argument("--sets", type=int, default=3, help="task sets of three to draw from those that pass (once)")
+    p.add_argument(
+        "--max-answer-tokens",
+        type=int,
+        choices=sorted(ANSWER_TIERS),
+        default=min(ANSWER_TIERS),
+        help="screen generators whose answers take up to this many tokens (a tier of ANSWER_TIERS)",
+    )
     p.add_argument("--items", type=int, default=200, help="screening items per generator")
     p.add_argument("--seed", type=int, default=0, help="seed of the generator stream and of the set draw")
     p.add_argument("--model", default="smollm2-135m")
@@ -209,6 +243,7 @@ def main() -> None:
     saved |= {
         "seed": args.seed,
         "items": args.items,
+        "max_answer_tokens": max(saved.get("max_answer_tokens", args.max_answer_tokens), args.max_answer_tokens),
         "command": "python bench/screen.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),
         "device": provenance.device(),
@@ -220,8 +255,9 @@ def main() -> None:
         if screened == args.sample:
             break
         entry = saved["generators"].setdefault(name, {"format": fmt, "tokens": tokens})
-        if tokens > SHORT_TOKENS or "unusable" in entry:
+        if tokens > args.max_answer_tokens or "unusable" in entry:
             continue
+        entry["new_tokens"] = generation_length(tokens)  # what seesaw.py generates for a set that holds it
         if "passed" not in entry:
             print(f"== screening {name} ({screened + 1}/{args.sample})", flush=True)
             try:  # before any training: a generator with too few distinct questions cannot be screened
@@ -230,15 +266,11 @@ def main() -> None:
                 entry["unusable"] = str(e)
                 print(f"unusable: {e}", flush=True)
             else:
-                entry |= screen_one(task, args.model)
+                entry |= screen_one(task, args.model, max_new_tokens=entry["new_tokens"])
             save_json(saved, path)
             write_report(saved)
         screened += "passed" in entry
-    passing = {n: r["format"] for n, r in saved["generators"].items() if r.get("passed")}
-    try:
-        saved["sets"], saved["sets_error"] = draw_sets(passing, args.sets, 3, args.seed), None
-    except ValueError as e:
-        saved["sets"], saved["sets_error"] = None, str(e)
+    draw_once(saved, args.sets)
     save_json(saved, path)
     print(write_report(saved))
 

@@ -113,7 +113,7 @@ def recipe(size: dict, names: list[str], seed: int, out: Path, model: str, **cha
         "training": {"batch_size": 8, "max_seq_len": size["seq"], "seed": seed, "save_steps": 25},
         "plan": {"seed": seed},
         "baselines": [],
-        "eval": {"max_new_tokens": 16, "batch_size": 16, "items": size.get("eval_items")},
+        "eval": {"max_new_tokens": size.get("new_tokens", 16), "batch_size": 16, "items": size.get("eval_items")},
         "output_dir": str(out),
     }
     return Recipe.model_validate(_merge(data, changes))
@@ -127,12 +127,17 @@ def _merge(data: dict, changes: dict) -> dict:
     return merged
 
 
-def drawn_set(k: int) -> list[str]:
-    """The k-th task set of bench/screen.py's seeded draw (results/screen.json)."""
-    sets = load_json(SCREENED)["sets"] if SCREENED.is_file() else None
+def drawn_set(k: int) -> tuple[list[str], int]:
+    """The k-th task set of bench/screen.py's seeded draw (results/screen.json) and the new tokens its runs generate:
+    the most any of its generators was screened with."""
+    screened = load_json(SCREENED) if SCREENED.is_file() else {}
+    sets = screened.get("sets")
     if not sets or not 0 <= k < len(sets):
         raise SystemExit(f"no task set {k} in {SCREENED}: draw the sets first (python bench/screen.py --sets {k + 1})")
-    return sets[k]
+    try:
+        return sets[k], max(screened["generators"][t]["new_tokens"] for t in sets[k])
+    except KeyError as e:
+        raise SystemExit(f"{SCREENED} lacks {e} of set {k}: run bench/screen.py again to record it") from None
 
 
 def section_name(args: argparse.Namespace) -> str:
@@ -734,7 +739,11 @@ def main() -> None:
     size, name = SIZES[args.size], section_name(args)
     if args.eval_items:  # the same runs rescored: their own section, so the tables of each item count stay whole
         size = {**size, "eval_items": args.eval_items}
-    tasks = TASKS[: size["tasks"]] if args.task_set is None else drawn_set(args.task_set)
+    if args.task_set is None:
+        tasks = TASKS[: size["tasks"]]
+    else:  # a set's size records the new tokens it generates: its answers may be longer than the seesaw's
+        tasks, new_tokens = drawn_set(args.task_set)
+        size = {**size, "new_tokens": new_tokens}
     start = time.time()
     out = runs(args, size, tasks, work_root(name))
     path = RESULTS / "seesaw.json"

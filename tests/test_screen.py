@@ -14,7 +14,9 @@ from screen import (  # noqa: E402
     BENCH_SEEDS,
     SCREEN_SEED,
     answer_format,
+    draw_once,
     draw_sets,
+    generation_length,
     probe_recipe,
     screen_one,
     screening_task,
@@ -52,6 +54,25 @@ def test_too_few_or_too_uniform_passing_tasks_say_screen_more():
         draw_sets({f"n{i}": "number" for i in range(9)}, 3, 3, seed=0)  # one format only
     with pytest.raises(ValueError, match="screen more"):
         draw_sets({"n0": "number", "w0": "word"}, 1, 3, seed=0)
+
+
+def test_sets_are_drawn_once_and_stay_when_more_generators_pass():
+    passed = {"passed": True}
+    generators = {f"n{i}": {"format": "number", **passed} for i in range(4)} | {"w0": {"format": "word", **passed}}
+    saved = {"seed": 0, "generators": generators}
+    draw_once(saved, 2)
+    assert saved["sets"] is None and "screen more" in saved["sets_error"]  # 5 pass: not two sets of three
+    saved["generators"] |= {"w1": {"format": "word", **passed}, "l0": {"format": "list", **passed}}
+    draw_once(saved, 2)
+    first = saved["sets"]
+    assert len(first) == 2 and saved["sets_error"] is None
+    saved["generators"] |= {f"l{i}": {"format": "list", **passed} for i in range(1, 9)}
+    draw_once(saved, 2)
+    assert saved["sets"] is first  # another passing generator does not draw them again
+
+
+def test_longer_answers_generate_in_the_next_tier():
+    assert [generation_length(n) for n in (1, 12, 13, 28, 29)] == [16, 16, 32, 32, None]
 
 
 def test_screening_items_are_none_of_the_benchmarks_eval_items():
@@ -110,12 +131,15 @@ def test_the_report_tells_a_pending_generator_from_a_long_one(tmp_path):
     generators |= {"c": {"format": "list", "tokens": 40}, "d": {"format": "word", "tokens": 2, "unusable": "few"}}
     generators |= {"e": {"format": "word", "tokens": 1, "base": 0.5, "majority": 1.0, "passed": False, "minutes": 1.0}}
     text = write_report(saved | {"generators": generators}, tmp_path / "s.md")
-    rows = [line.split(" | ")[1:8] for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    rows = [line.split(" | ")[1:9] for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert rows == [
-        ["a", "number", "2", "10.0", "20.0", "50.0", "yes"],
-        ["b", "word", "3", "-", "-", "-", "not screened yet"],
-        ["c", "list", "40", "-", "-", "-", "not short"],
-        ["d", "word", "2", "-", "-", "-", "unusable"],
-        ["e", "word", "1", "50.0", "100.0", "-", "no room"],
+        ["a", "number", "2", "16", "10.0", "20.0", "50.0", "yes"],
+        ["b", "word", "3", "-", "-", "-", "-", "not screened yet"],
+        ["c", "list", "40", "-", "-", "-", "-", "not short"],
+        ["d", "word", "2", "-", "-", "-", "-", "unusable"],
+        ["e", "word", "1", "16", "50.0", "100.0", "-", "no room"],
     ]
     assert (tmp_path / "s.md").read_text() == text
+    generators["c"] |= {"tokens": 20}  # the second tier: pending once the stream screens answers up to 28 tokens
+    text = write_report(saved | {"generators": generators, "max_answer_tokens": 28}, tmp_path / "s.md")
+    assert "| 2 | c | list | 20 | - | - | - | - | not screened yet | - |" in text

@@ -129,9 +129,20 @@ def test_a_task_set_runs_its_drawn_tasks_in_their_own_directories(tmp_path, monk
     args = _args("--parts matched forgetting --task-set 1 --matched-baselines multitask_matched")
     with pytest.raises(SystemExit, match="bench/screen.py --sets 2"):
         seesaw.drawn_set(1)
-    save_json({"sets": [["a", "b", "c"], ["x", "y", "z"]]}, tmp_path / "screen.json")
-    tasks = seesaw.drawn_set(1)
-    configs, _ = seesaw.seed_configs(args, seesaw.SIZES["small"], tasks, tmp_path / "seed3", 3)
+    generators = {t: {"new_tokens": 16} for t in "abcxy"}
+    save_json({"sets": [["a", "b", "c"], ["x", "y", "z"]], "generators": generators}, tmp_path / "screen.json")
+    with pytest.raises(SystemExit, match="lacks 'z' of set 1: run bench/screen.py again"):
+        seesaw.drawn_set(1)
+    save_json(
+        {"sets": [["a", "b", "c"], ["x", "y", "z"]], "generators": generators | {"z": {"new_tokens": 32}}},
+        tmp_path / "screen.json",
+    )
+    assert seesaw.drawn_set(0) == (["a", "b", "c"], 16)
+    tasks, new_tokens = seesaw.drawn_set(1)
+    assert new_tokens == 32  # the longest-answer generator of the set decides
+    size = {**seesaw.SIZES["small"], "new_tokens": new_tokens}
+    configs, _ = seesaw.seed_configs(args, size, tasks, tmp_path / "seed3", 3)
+    assert {c.eval.max_new_tokens for c in configs.values()} == {32}
     assert sorted(configs) == ["forgetting/x>y", "matched"]  # one ordered pair: the set's first two tasks
     assert list(configs["matched"].tasks) == ["x", "y", "z"] and configs["matched"].plan.groups is None
     assert Path(configs["forgetting/x>y"].output_dir) == tmp_path / "seed3" / "forget-x-y"
