@@ -312,9 +312,12 @@ def test_a_baseline_run_later_joins_its_seeds_saved_run():
 
 def test_larger_stages_spend_the_matched_budget_and_are_judged_against_its_baselines(tmp_path):
     size = seesaw.SIZES["small"]
-    args = _args(f"--parts ablations --ablations {seesaw.REBALANCED}")
-    configs, _ = seesaw.seed_configs(args, size, seesaw.TASKS[:3], tmp_path, 0)
-    rebalanced = configs[f"ablation/{seesaw.REBALANCED}"]
+    args = _args("--parts ablations --ablations short_probes_p0.05 reselect_p0.05")
+    configs, starts = seesaw.seed_configs(args, size, seesaw.TASKS[:3], tmp_path, 0)
+    rebalanced = configs["ablation/short_probes_p0.05"]
+    reselect = configs["ablation/reselect_p0.05"]
+    assert reselect.stages.reselect and reselect.regions.p == seesaw.MATCHED_P and reselect.probe.steps == size["probe"]
+    assert tmp_path / "matched" in starts["ablation/reselect_p0.05"]  # `matched`'s probes: no probe trains again
     # three tasks, three stages: the whole budget equals `matched`'s CPI-FT (probes plus stages)
     assert 3 * rebalanced.probe.steps + 3 * rebalanced.stages.steps == 3 * size["probe"] + 3 * size["stage"]
     assert rebalanced.probe.steps < size["probe"] and rebalanced.regions.p == seesaw.MATCHED_P
@@ -326,12 +329,15 @@ def test_larger_stages_spend_the_matched_budget_and_are_judged_against_its_basel
 
     matched = {str(k): run({"cpi_ft": 0.3, "multitask_matched": 0.33}, 10 * k) for k in range(3)}
     ablation = {str(k): run({"cpi_ft": 0.6}, 10 * k + 5) for k in (0, 2)}
-    text = "\n".join(seesaw.rebalanced_section({"matched": matched, f"ablation/{seesaw.REBALANCED}": ablation}))
-    assert "seeds 0, 2" in text and '"probes": 30' in text
+    text = "\n".join(
+        seesaw.same_budget_section({"matched": matched, "ablation/short_probes_p0.05": ablation}, "short_probes_p0.05")
+    )
+    assert "### Larger stages at the same budget (`short_probes_p0.05` against `matched`, seeds 0, 2)" in text
+    assert '"probes": 30' in text
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert "yes, CPI-FT ahead" in rows["multitask_matched"] and "2 of 2" in rows["multitask_matched"]
-    assert "yes, CPI-FT ahead" in rows["cpi_ft (probes 40)"]  # the 40-step-probe CPI-FT of the same seeds
-    assert seesaw.rebalanced_section({"matched": matched}) == []
+    assert "yes, CPI-FT ahead" in rows["cpi_ft (`matched`)"]  # the 40-step-probe CPI-FT of the same seeds
+    assert seesaw.same_budget_section({"matched": matched}, "reselect_p0.05") == []
 
 
 def test_the_overlap_table_reads_the_plan_a_result_kept_once_its_run_directory_is_gone(tmp_path):
