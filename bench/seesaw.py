@@ -13,8 +13,8 @@ CPI-FT adapter mode), `matched` (CPI-FT at `--matched-p` against multi-task, LoR
 support spread over all weights, each at CPI-FT's stage budget and at its whole budget, probes included),
 `dense` (CPI-FT dense mode, fp32 full fine-tuning), `forgetting` (task A then task B:
 sequential SFT vs CPI-FT with A's core locked, the paper's Table 2), `ablations` (no fusion, no freezing, tau,
-p, sparse probe, cores re-selected between stages, freeze all in dense mode, structured cores, short probes
-with larger stages at `matched`'s whole budget; `--ablations NAME...` picks some).
+p, sparse probe, cores re-selected between stages, freeze all in dense mode, structured cores, and at `matched`'s
+whole budget short probes with larger stages or re-selected cores; `--ablations NAME...` picks some).
 `--quick` runs `main` only unless `--parts` says otherwise. `--eval-items 200` rescores runs already trained on
 200 held-out items per task (the first 48 are the small size's). `--task-set K` runs the K-th set of three tasks
 that bench/screen.py drew (tasks nobody picked) instead of the seesaw's own; its forgetting part then takes one
