@@ -195,7 +195,7 @@ def seed_configs(
     if "matched" in args.parts:
         # another p than the default's is its own run (`matched-p<p>`), started from the default's: probes reused
         name = matched_name(args.matched_p)
-        starts[name] = [base / "matched", base / "main", *same_probes]
+        starts[name] = [run for run in _matched_runs(base) if run.name != name] + [base / "main", *same_probes]
         configs[name] = recipe(
             size,
             tasks,
@@ -231,7 +231,7 @@ def seed_configs(
         for name in args.ablations:
             dense = ABLATIONS[name].get("mode") == "dense"
             siblings = [run for run in same_probes if run.name != f"ablation-{name}"]
-            starts[f"ablation/{name}"] = [base / "dense"] if dense else [base / "main", base / "matched", *siblings]
+            starts[f"ablation/{name}"] = [base / "dense"] if dense else [base / "main", *_matched_runs(base), *siblings]
             changes = _merge(main, ABLATIONS[name])
             configs[f"ablation/{name}"] = recipe(size, tasks, seed, base / f"ablation-{name}", args.model, **changes)
     return configs, starts
@@ -296,6 +296,11 @@ def p_section(runs: dict[str, dict[str, dict]]) -> list[str]:
         f"{100 * mean[better]:.1f}, so `auto` {verdict}.",
     ]
     return lines
+
+
+def _matched_runs(base: Path) -> list[Path]:
+    """`matched`'s run directories under `base`, the default p's first: each trains the same probes."""
+    return [base / "matched", *sorted(base.glob("matched-p*"))]
 
 
 def _start_from(out_dir: Path, *runs: Path) -> None:

@@ -257,6 +257,23 @@ def test_the_matched_run_starts_from_an_ablation_on_the_same_probes(tmp_path, mo
     assert began == {"seed2/matched": "seed2/ablation-element_p0.05"}
 
 
+def test_matched_at_another_p_starts_from_matched_at_a_third(tmp_path, monkeypatch):
+    """`matched-pauto` at a seed where only `matched-p0.01` ran reuses its probes rather than training them again,
+    and an ablation at that seed does too."""
+    began = _record_run_starts(monkeypatch)
+    (tmp_path / "seed0" / "matched-p0.01").mkdir(parents=True)
+    (tmp_path / "seed0" / "matched-p0.01" / "state.json").write_text("seed0/matched-p0.01")
+    args = _args("--parts matched ablations --ablations reselect_p0.05 --matched-p auto --seeds 0")
+    assert list(seesaw.runs(args, seesaw.SIZES["small"], seesaw.TASKS[:3], tmp_path)) == [
+        "matched-pauto",
+        "ablation/reselect_p0.05",
+    ]
+    assert began == {
+        "seed0/matched-pauto": "seed0/matched-p0.01",
+        "seed0/ablation-reselect_p0.05": "seed0/matched-p0.01",
+    }
+
+
 def test_structured_cores_are_judged_against_element_cores_seed_spread():
     """Element cores near 30, 32, 34 points (floor: mean - std, near 30); rows far under it on the same items,
     columns at the element scores themselves (margin exactly 0, inside the spread); blocks ran one seed only."""
