@@ -16,10 +16,11 @@
    probe's train questions and every question among the benchmark's eval items (task seeds 100-103, which
    `seesaw.py` uses). A generator *passes* when the probe scores at least 10 points above both the base and the
    majority answer; when base or majority already score above 90 no probe can, and none is trained ("no room").
-3. Sets: a seeded random draw (`--seed`, recorded) of `--sets` disjoint sets of three passing generators, each
-   spanning at least two answer formats (number, word, list). Nothing is swapped by hand after a result, and once
-   drawn the sets stay: later screening does not draw them again. A set's runs generate the largest new-token count
-   of its generators (`generation_length`).
+3. Sets: up to `--sets` disjoint sets of three passing generators, each spanning at least two answer formats
+   (number, word, list), each a seeded random draw (`--seed` and the set's number, recorded) from the passing
+   generators no earlier set holds, made as soon as they can give one, so a set can run while screening goes on.
+   Nothing is swapped by hand after a result, and a drawn set stays: later screening only adds sets. A set's runs
+   generate the largest new-token count of its generators (`generation_length`).
 
 Resumable: probes live under bench/_work/screen/probes/<generator>/, scores in bench/results/screen.json.
 Writes bench/results/screen.md and screen.json.
@@ -69,7 +70,7 @@ def generation_length(answer_tokens: int) -> int | None:
     return next((new for limit, new in ANSWER_TIERS.items() if answer_tokens <= limit), None)
 
 
-def draw_sets(passing: dict[str, str], n_sets: int, size: int, seed: int) -> list[list[str]]:
+def draw_sets(passing: dict[str, str], n_sets: int, size: int, seed: int | str) -> list[list[str]]:
     """`n_sets` disjoint sets of `size` generators from `passing` ({name: format}), each spanning at least two
     formats: seeded draws from the shuffled pool, a draw kept only if it spans two formats. Raises a ValueError
     when the pool cannot give them (screen more)."""
@@ -86,16 +87,25 @@ def draw_sets(passing: dict[str, str], n_sets: int, size: int, seed: int) -> lis
     )
 
 
-def draw_once(saved: dict, n_sets: int) -> None:
-    """Draw `saved`'s task sets from its passing generators unless they were drawn before (a set's runs stay runs of
-    the same tasks however many generators pass later); `sets_error` says why none could be drawn yet."""
-    if saved.get("sets"):
-        return
-    passing = {n: r["format"] for n, r in saved["generators"].items() if r.get("passed")}
-    try:
-        saved["sets"], saved["sets_error"] = draw_sets(passing, n_sets, 3, saved["seed"]), None
-    except ValueError as e:
-        saved["sets"], saved["sets_error"] = None, str(e)
+def draw_new_sets(saved: dict, n_sets: int) -> None:
+    """Add sets to `saved["sets"]` until it holds `n_sets` or the passing generators no set holds cannot give
+    another: set K is drawn from those with seed "<seed>/<K>". Drawn sets stay (a set's runs stay runs of the same
+    tasks however many generators pass later); `drawn_after` records how many generators were screened at each
+    draw, `sets_error` why no further set could be drawn yet."""
+    sets = saved.setdefault("sets", None) or []
+    saved.setdefault("drawn_after", [])
+    saved["sets_error"] = None
+    screened = sum("passed" in r for r in saved["generators"].values())
+    while len(sets) < n_sets:
+        taken = {t for s in sets for t in s}
+        passing = {n: r["format"] for n, r in saved["generators"].items() if r.get("passed") and n not in taken}
+        try:
+            sets += draw_sets(passing, 1, 3, f"{saved['seed']}/{len(sets)}")
+        except ValueError as e:
+            saved["sets_error"] = f"set {len(sets)}: {e}"
+            break
+        saved["drawn_after"].append(screened)
+    saved["sets"] = sets or None
 
 
 def candidates(seed: int, tokenizer) -> list[tuple[str, str, int]]:
@@ -207,10 +217,17 @@ def write_report(saved: dict, path: Path = RESULTS / "screen.md") -> str:
             f"| {probe} | {passed} | {r['minutes']:.1f} |"
         )
     if saved.get("sets"):
-        lines += ["", f"Task sets (seeded draw, seed {saved['seed']}):", ""]
-        lines += [f"- set {k}: {', '.join(s)}" for k, s in enumerate(saved["sets"])]
-    elif saved.get("sets_error"):
-        lines += ["", f"No task sets yet: {saved['sets_error']}"]
+        after = saved.get("drawn_after", [])
+        title = (
+            f"Task sets (set K a seeded draw, seed {saved['seed']}/K, from passing generators no earlier set holds):"
+        )
+        lines += ["", title, ""]
+        lines += [
+            f"- set {k}: {', '.join(s)}" + (f" (drawn after {after[k]} screened)" if k < len(after) else "")
+            for k, s in enumerate(saved["sets"])
+        ]
+    if saved.get("sets_error"):
+        lines += ["", f"No further task set yet: {saved['sets_error']}"]
     text = "\n".join(lines) + "\n"
     write_atomic(path, lambda p: p.write_text(text))
     return text
@@ -250,6 +267,7 @@ def main() -> None:
         "commit": provenance.commit(),
     }
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))  # only to count answer tokens
+    draw_new_sets(saved, args.sets)  # a set the screening so far can give runs before the rest is screened
     screened = 0
     for name, fmt, tokens in candidates(args.seed, tokenizer):
         if screened == args.sample:
@@ -267,10 +285,11 @@ def main() -> None:
                 print(f"unusable: {e}", flush=True)
             else:
                 entry |= screen_one(task, args.model, max_new_tokens=entry["new_tokens"])
+            draw_new_sets(saved, args.sets)
             save_json(saved, path)
             write_report(saved)
         screened += "passed" in entry
-    draw_once(saved, args.sets)
+    draw_new_sets(saved, args.sets)
     save_json(saved, path)
     print(write_report(saved))
 

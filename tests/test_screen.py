@@ -14,7 +14,7 @@ from screen import (  # noqa: E402
     BENCH_SEEDS,
     SCREEN_SEED,
     answer_format,
-    draw_once,
+    draw_new_sets,
     draw_sets,
     generation_length,
     probe_recipe,
@@ -56,19 +56,28 @@ def test_too_few_or_too_uniform_passing_tasks_say_screen_more():
         draw_sets({"n0": "number", "w0": "word"}, 1, 3, seed=0)
 
 
-def test_sets_are_drawn_once_and_stay_when_more_generators_pass():
+def test_sets_are_drawn_as_soon_as_the_pool_allows_and_stay():
     passed = {"passed": True}
-    generators = {f"n{i}": {"format": "number", **passed} for i in range(4)} | {"w0": {"format": "word", **passed}}
-    saved = {"seed": 0, "generators": generators}
-    draw_once(saved, 2)
-    assert saved["sets"] is None and "screen more" in saved["sets_error"]  # 5 pass: not two sets of three
-    saved["generators"] |= {"w1": {"format": "word", **passed}, "l0": {"format": "list", **passed}}
-    draw_once(saved, 2)
-    first = saved["sets"]
-    assert len(first) == 2 and saved["sets_error"] is None
-    saved["generators"] |= {f"l{i}": {"format": "list", **passed} for i in range(1, 9)}
-    draw_once(saved, 2)
-    assert saved["sets"] is first  # another passing generator does not draw them again
+    generators = {f"n{i}": {"format": "number", **passed} for i in range(2)} | {"w0": {"format": "word", **passed}}
+    saved = {"seed": 0, "generators": generators | {"x": {"format": "word", "passed": False}}}
+    draw_new_sets(saved, 3)
+    first = saved["sets"][0]
+    assert saved["sets"] == [["n0", "n1", "w0"]] and saved["drawn_after"] == [4]  # three pass: set 0 at once
+    assert saved["sets_error"].startswith("set 1: 0 passing generators")
+    saved["generators"] |= {f"n{i}": {"format": "number", **passed} for i in range(2, 6)}
+    draw_new_sets(saved, 3)
+    assert len(saved["sets"]) == 1 and "screen more" in saved["sets_error"]  # 4 more, one format: no set 1
+    saved["generators"] |= {f"w{i}": {"format": "word", **passed} for i in range(1, 4)}
+    draw_new_sets(saved, 3)
+    sets = saved["sets"]
+    assert sets[0] is first and len(sets) == 3 and saved["sets_error"] is None and saved["drawn_after"] == [4, 11, 11]
+    assert len({t for s in sets for t in s}) == 9 and all(len({t[0] for t in s}) == 2 for s in sets)
+    again = {"seed": 0, "generators": saved["generators"], "sets": [first], "drawn_after": [4]}
+    draw_new_sets(again, 3)
+    assert again["sets"] == sets  # set K's draw is seeded by its number: the same pool draws the same set
+    saved["generators"] |= {f"l{i}": {"format": "list", **passed} for i in range(9)}
+    draw_new_sets(saved, 3)
+    assert saved["sets"] == sets  # later passes add no set past --sets and change none
 
 
 def test_longer_answers_generate_in_the_next_tier():
