@@ -14,7 +14,8 @@ support spread over all weights, each at CPI-FT's stage budget and at its whole 
 `dense` (CPI-FT dense mode, fp32 full fine-tuning), `forgetting` (task A then task B:
 sequential SFT vs CPI-FT with A's core locked, the paper's Table 2), `ablations` (no fusion, no freezing, tau,
 p, sparse probe, cores re-selected between stages, freeze all in dense mode, structured cores, and at `matched`'s
-whole budget short probes with larger stages or re-selected cores; `--ablations NAME...` picks some).
+whole budget short probes with larger stages, re-selected cores or sparse probes; `--ablations NAME...` picks
+some).
 `--quick` runs `main` only unless `--parts` says otherwise. `--eval-items 200` rescores runs already trained on
 200 held-out items per task (the first 48 are the small size's). `--task-set K` runs the K-th set of three tasks
 that bench/screen.py drew (tasks nobody picked) instead of the seesaw's own; its forgetting part then takes one
@@ -96,12 +97,18 @@ ABLATIONS = {
     "short_probes_p0.05": {"regions": {"p": 0.05}, "probe": {"steps": 10}, "stages": {"steps": 70}},
     # the later groups' cores found again from the previous stage's model (it helped at 1%), at `matched`'s p
     "reselect_p0.05": {"regions": {"p": 0.05}, "stages": {"reselect": True}},
+    # sparse probes (the variant that led at 48 items) without the staged baselines, to judge against `matched`'s:
+    # at tau 0.1 one 40-step stage (160 steps in all), at tau 0.2 three (240, `matched`'s budget)
+    "sparse_probes": {"probe": {"method": "sparse"}},
+    "sparse_probes_tau_0.2": {"probe": {"method": "sparse"}, "plan": {"tau": 0.2}},
 }
-# variants of `matched`'s CPI-FT that spend at least its whole budget, each judged against `matched`'s baselines
-# on the seeds both ran: what would win the matched comparison (issue #21)
+# variants of `matched`'s CPI-FT, each judged against `matched`'s baselines on the seeds both ran, its optimizer
+# steps beside: what would win the matched comparison (issue #21)
 SAME_BUDGET = {
     "short_probes_p0.05": "Larger stages at the same budget",
     "reselect_p0.05": "Cores found again between stages (its re-probes spend more than `matched`'s budget)",
+    "sparse_probes": "Sparse probes, one stage (fewer steps than `matched`'s budget)",
+    "sparse_probes_tau_0.2": "Sparse probes, staged (tau 0.2: `matched`'s budget)",
 }
 RENAMED = {"probe": "single_task (probe)"}  # method ids as the tables name them
 
@@ -188,7 +195,7 @@ def seed_configs(
     main = {"plan": {"seed": seed, "groups": given}}  # the hand-given grouping of multistage_given
     # the runs that train the same probes as `main` can start from each other: the first one run at a new seed
     # trains them, the rest reuse them
-    same_probes = [base / f"ablation-{n}" for n in ABLATIONS if not {"mode", "probe"} & set(ABLATIONS[n])]
+    same_probes = [base / f"ablation-{n}" for n in ABLATIONS if _probes(n) == _probes("unchanged")]
     if "main" in args.parts:
         baselines = [*STAGED, "lora_multitask"]
         configs["main"] = recipe(size, tasks, seed, base / "main", args.model, baselines=baselines, **main)
@@ -229,9 +236,13 @@ def seed_configs(
             )
     if "ablations" in args.parts:
         for name in args.ablations:
-            dense = ABLATIONS[name].get("mode") == "dense"
-            siblings = [run for run in same_probes if run.name != f"ablation-{name}"]
-            starts[f"ablation/{name}"] = [base / "dense"] if dense else [base / "main", *_matched_runs(base), *siblings]
+            # the runs that train its probes: `dense` for a dense one, `main`'s and `matched`'s for the default
+            # probes, and the ablations whose probes are its own (sparse ones too)
+            probes = _probes(name)
+            first = [base / "dense"] if probes["mode"] == "dense" else []
+            first += [base / "main", *_matched_runs(base)] if probes == _probes("unchanged") else []
+            siblings = [base / f"ablation-{n}" for n in ABLATIONS if n != name and _probes(n) == probes]
+            starts[f"ablation/{name}"] = first + siblings
             changes = _merge(main, ABLATIONS[name])
             configs[f"ablation/{name}"] = recipe(size, tasks, seed, base / f"ablation-{name}", args.model, **changes)
     return configs, starts
@@ -296,6 +307,11 @@ def p_section(runs: dict[str, dict[str, dict]]) -> list[str]:
         f"{100 * mean[better]:.1f}, so `auto` {verdict}.",
     ]
     return lines
+
+
+def _probes(ablation: str) -> dict:
+    """What of an ablation's changes decides its probes: two ablations alike in these train the same ones."""
+    return {section: ABLATIONS[ablation].get(section) for section in ("mode", "probe")}
 
 
 def _matched_runs(base: Path) -> list[Path]:

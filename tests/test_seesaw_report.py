@@ -225,22 +225,26 @@ def _record_run_starts(monkeypatch) -> dict[str, str | None]:
 
 
 def test_an_ablation_starts_from_the_matched_run_or_from_one_run_before_it(tmp_path, monkeypatch):
-    """The probes are the same in every part, so an ablation copies whichever finished run there is, one of this
-    invocation included: at a new seed only the first ablation trains probes."""
+    """An ablation copies whichever finished run trains its probes, one of this invocation included: at a new seed
+    only the first ablation with default probes trains them, and the first with sparse ones."""
     began = _record_run_starts(monkeypatch)
-    args = _args("--parts ablations --ablations row_p0.05 probe_sparse column_p0.05 --seeds 0 1")
+    args = _args("--parts ablations --ablations row_p0.05 probe_sparse sparse_probes_tau_0.2 column_p0.05 --seeds 0 1")
     (tmp_path / "seed0" / "matched").mkdir(parents=True)
     (tmp_path / "seed0" / "matched" / "state.json").write_text("seed0/matched")
     (tmp_path / "seed1" / "ablation-probe_sparse").mkdir(parents=True)  # an existing run is kept as it is
     (tmp_path / "seed1" / "ablation-probe_sparse" / "state.json").write_text("kept")
     out = seesaw.runs(args, seesaw.SIZES["small"], seesaw.TASKS[:3], tmp_path)
-    assert list(out) == ["ablation/row_p0.05", "ablation/probe_sparse", "ablation/column_p0.05"]
+    assert list(out) == [
+        f"ablation/{n}" for n in ("row_p0.05", "probe_sparse", "sparse_probes_tau_0.2", "column_p0.05")
+    ]
     assert began == {
         "seed0/ablation-row_p0.05": "seed0/matched",
-        "seed0/ablation-probe_sparse": "seed0/matched",
+        "seed0/ablation-probe_sparse": None,  # no finished run trains sparse probes
+        "seed0/ablation-sparse_probes_tau_0.2": "seed0/ablation-probe_sparse",
         "seed0/ablation-column_p0.05": "seed0/matched",
         "seed1/ablation-row_p0.05": None,  # no finished run at seed 1: rows train the probes
         "seed1/ablation-probe_sparse": "kept",
+        "seed1/ablation-sparse_probes_tau_0.2": "seed1/ablation-probe_sparse",
         "seed1/ablation-column_p0.05": "seed1/ablation-row_p0.05",  # not from sparse probes: they differ
     }
 
