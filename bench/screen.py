@@ -82,8 +82,9 @@ def draw_sets(passing: dict[str, str], n_sets: int, size: int, seed: int | str) 
         if len(pool) >= n_sets * size and all(len({passing[t] for t in s}) >= 2 for s in sets):
             return sets
     raise ValueError(
-        f"{len(passing)} passing generators ({sorted(set(passing.values()))}) cannot give {n_sets} disjoint sets of "
-        f"{size} spanning two answer formats: screen more (a larger --sample)"
+        f"{len(passing)} passing generator{'s' * (len(passing) != 1)} ({sorted(set(passing.values()))}) cannot give "
+        f"{n_sets} disjoint set{'s' * (n_sets != 1)} of {size} spanning two answer formats: screen more "
+        "(a larger --sample)"
     )
 
 
