@@ -27,6 +27,7 @@ per size, task set and model (then one pooled over the sets of a model), and see
 from __future__ import annotations
 
 import argparse
+import fcntl
 import itertools
 import json
 import re
@@ -34,6 +35,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -169,8 +171,10 @@ def work_root(section: str) -> Path:
     return WORK / size / next((r for r in rest if r.startswith("set")), "") / model
 
 
-def runs(args, size: dict, tasks: list[str], root: Path) -> dict[str, dict[str, dict]]:
-    """{part/config: {seed: results.json}}"""
+def runs(
+    args, size: dict, tasks: list[str], root: Path, finished: Callable[[dict], None] = lambda out: None
+) -> dict[str, dict[str, dict]]:
+    """{part/config: {seed: results.json}}, handed to `finished` after each run so far as it got."""
     out: dict[str, dict[str, dict]] = {}
     for seed in args.seeds:
         configs, starts = seed_configs(args, size, tasks, root / f"seed{seed}", seed)
@@ -180,6 +184,7 @@ def runs(args, size: dict, tasks: list[str], root: Path) -> dict[str, dict[str, 
             result = run_pipeline(config)
             plan = plan_summary(Path(config.output_dir))
             out.setdefault(name, {})[str(seed)] = result | ({"plan": plan} if plan else {})
+            finished(out)
     return out
 
 
@@ -773,21 +778,29 @@ def main() -> None:
         tasks, new_tokens = drawn_set(args.task_set)
         size = {**size, "new_tokens": new_tokens}
     start = time.time()
-    out = runs(args, size, tasks, work_root(name))
-    path = RESULTS / "seesaw.json"
-    saved = json.loads(path.read_text()) if path.exists() else {"sizes": {}}
-    saved["sizes"][name] = {
-        "size": size,
-        "tasks": tasks,
-        "model": args.model,
-        "runs": merged(saved, name, size, out),
-        "command": f"python bench/seesaw.py {' '.join(sys.argv[1:])}",
-        "minutes": (time.time() - start) / 60,
-        "device": provenance.device(),
-        "date": time.strftime("%Y-%m-%d"),
-        "commit": provenance.commit(),
-    }
-    print(write_results(saved))
+
+    def save(out: dict) -> str:
+        """The runs finished so far merged into seesaw.json and its tables: a stopped invocation keeps them. Under a
+        lock, so invocations running side by side do not drop each other's runs."""
+        WORK.mkdir(parents=True, exist_ok=True)
+        with open(WORK / "seesaw.json.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            path = RESULTS / "seesaw.json"
+            saved = json.loads(path.read_text()) if path.exists() else {"sizes": {}}
+            saved["sizes"][name] = {
+                "size": size,
+                "tasks": tasks,
+                "model": args.model,
+                "runs": merged(saved, name, size, out),
+                "command": f"python bench/seesaw.py {' '.join(sys.argv[1:])}",
+                "minutes": (time.time() - start) / 60,
+                "device": provenance.device(),
+                "date": time.strftime("%Y-%m-%d"),
+                "commit": provenance.commit(),
+            }
+            return write_results(saved)
+
+    print(save(runs(args, size, tasks, work_root(name), finished=save)))
     written = [str(RESULTS / f) for f in ("seesaw.md", "seesaw.json", f"seesaw_{name}.png")]
     print(json.dumps({"written": [f for f in written if Path(f).exists()]}))
 
