@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import json
 import math
@@ -31,28 +32,57 @@ def honour_umask(path: Path) -> None:
 _STALE = re.compile(r"\.(?P<name>.+)\.(?:[a-z0-9_]{8}\.tmp|old)")  # what a killed atomic write leaves: see below
 
 
-def _remove(leftover: Path) -> None:
-    if leftover.is_dir() and not leftover.is_symlink():
+def _claim(path: Path) -> int:
+    """An open descriptor holding an exclusive flock on `path` (a file or folder) for as long as a write fills or
+    replaces it: a leftover no live writer claims is what a killed write left."""
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _abandoned(leftover: Path) -> bool:
+    """Whether no live writer claims `leftover` (another process's write in progress keeps its temporary)."""
+    try:
+        fd = os.open(leftover, os.O_RDONLY)
+    except OSError:
+        return False  # gone already
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _clear(leftover: Path) -> bool:
+    """Remove a killed write's leftover, or put a `.<name>.old` folder back where `<name>` is missing (the kill fell
+    between the two renames of a replace: the old folder is the last whole copy). False if a live write holds it."""
+    if not _abandoned(leftover):
+        return False
+    published = leftover.with_name(_STALE.fullmatch(leftover.name)["name"])
+    if leftover.name.endswith(".old") and not published.exists():
+        leftover.rename(published)
+    elif leftover.is_dir() and not leftover.is_symlink():
         shutil.rmtree(leftover, ignore_errors=True)
     else:
         leftover.unlink(missing_ok=True)
+    return True
 
 
 def _remove_stale(path: Path) -> None:
-    """Remove what an earlier write of `path` that was killed (SIGKILL, power loss) left beside it: its
+    """Clear what an earlier write of `path` that was killed (SIGKILL, power loss) left beside it: its
     `.<name>.<random>.tmp` temporary and, for a folder, `.<name>.old`."""
     for leftover in path.parent.glob(f".{glob.escape(path.name)}.*"):
         if (m := _STALE.fullmatch(leftover.name)) and m["name"] == path.name:
-            _remove(leftover)
+            _clear(leftover)
 
 
 def remove_stale_temporaries(root: Path) -> list[Path]:
-    """Remove, anywhere below `root`, the temporaries killed atomic writes left (names only this module makes:
-    `.<name>.<8 random characters>.tmp` and `.<name>.old`). Returns what was removed."""
+    """Clear, anywhere below `root`, the temporaries killed atomic writes left (names only this module makes:
+    `.<name>.<8 random characters>.tmp` and `.<name>.old`). Returns what was cleared."""
     found = [Path(d) / n for d, dirs, files in os.walk(root) for n in dirs + files if _STALE.fullmatch(n)]
-    for leftover in found:
-        _remove(leftover)
-    return found
+    return [leftover for leftover in found if _clear(leftover)]
 
 
 def _durable(path: Path) -> None:
@@ -68,7 +98,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # claimed until published: another process's write of `path` leaves it be
     try:
         try:
             yield Path(tmp)
@@ -83,6 +113,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        os.close(fd)
 
 
 @contextmanager
@@ -95,6 +126,7 @@ def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     _remove_stale(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     honour_umask(tmp)
+    claims = [_claim(tmp)]
     try:
         try:
             yield tmp
@@ -111,12 +143,15 @@ def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
         else:
             old = path.with_name(f".{path.name}.old")  # the previous folder stays whole until the new one is in place
             if path.exists():
+                claims.append(_claim(path))  # as `.old`, claimed until removed
                 path.rename(old)
             tmp.rename(path)
             shutil.rmtree(old, ignore_errors=True)
         _fsync(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        for fd in claims:
+            os.close(fd)
 
 
 def _fsync(path: Path) -> None:

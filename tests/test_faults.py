@@ -487,6 +487,32 @@ def test_atomic_writes_follow_the_umask_and_replace_folders_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "x.json"]
 
 
+def test_a_write_leaves_the_temporaries_of_writes_in_progress_and_restores_a_killed_replace(tmp_path):
+    """Two writers of one path (two processes converting one model): the second's cleanup of killed writes leaves
+    the first's temporary and its file, which then find the path taken; a `.<name>.old` folder whose `<name>` is
+    gone (killed between a replace's renames) is the last whole copy and is put back, not removed."""
+    from peft_isolate._io import atomic_dir, atomic_path, remove_stale_temporaries
+
+    target = tmp_path / "model"
+    with pytest.raises(FileExistsError, match="exists and is not empty"), atomic_dir(target, replace=False) as first:
+        (first / "config.json").write_text("first")
+        with atomic_dir(target, replace=False) as second:
+            (second / "config.json").write_text("second")
+        assert (first / "config.json").read_text() == "first"
+    assert (target / "config.json").read_text() == "second"
+    with atomic_path(tmp_path / "x.json") as first:
+        first.write_text("1")
+        with atomic_path(tmp_path / "x.json") as second:
+            second.write_text("2")
+        assert first.read_text() == "1"
+    assert (tmp_path / "x.json").read_text() == "1"
+    (tmp_path / "run" / ".stage.old").mkdir(parents=True)
+    (tmp_path / "run" / ".stage.old" / "f").write_text("whole")
+    assert remove_stale_temporaries(tmp_path / "run") == [tmp_path / "run" / ".stage.old"]
+    assert (tmp_path / "run" / "stage" / "f").read_text() == "whole"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "run", "x.json"]
+
+
 # --- 4. other writers: a second run, a person's files, a killed write's temporaries ------------------------------
 
 

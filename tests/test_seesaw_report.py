@@ -3,6 +3,7 @@ the task sets bench/screen.py draws, and their pooled report."""
 
 from __future__ import annotations
 
+import json
 import random
 import statistics
 import sys
@@ -371,3 +372,27 @@ def test_the_overlap_table_reads_the_plan_a_result_kept_once_its_run_directory_i
     lines = seesaw.overlap_section(tmp_path, {"p_0.05": seeds, "no_fusion": {"0": {"plan": plan}}})
     assert lines[-1] == "| p_0.05 | 0.200 | 0.050 | 2 |"  # mean of (0.1, 0.2, 0.3) twice; two stages each
     assert len(lines) == 6  # the title, the header and one row: no_fusion changes neither p nor granularity
+
+
+def test_an_invocation_stopped_in_its_second_run_keeps_its_first(tmp_path, monkeypatch):
+    """`matched` finishes, the forgetting run after it is killed: seesaw.json already holds `matched`'s results
+    (and its tables were drawn), so a session that ends mid-invocation loses only the run in progress."""
+    monkeypatch.setattr(seesaw, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(seesaw, "WORK", tmp_path / "work")
+    (tmp_path / "results").mkdir()
+
+    def pipeline(config):
+        if len(config.tasks) == 2:
+            raise KeyboardInterrupt  # the forgetting run, on a pair
+        return _run(0.4, {"multitask": 0.3}, list(config.tasks), 0)
+
+    monkeypatch.setattr(seesaw, "run_pipeline", pipeline)
+    monkeypatch.setattr(
+        sys, "argv", ["seesaw.py", "--size", "small", "--parts", "matched", "forgetting", "--seeds", "0"]
+    )
+    with pytest.raises(KeyboardInterrupt):
+        seesaw.main()
+    saved = json.loads((tmp_path / "results" / "seesaw.json").read_text())
+    assert list(saved["sizes"]["small"]["runs"]) == ["matched"]
+    assert saved["sizes"]["small"]["runs"]["matched"]["0"]["methods"]["multitask"]["avg"] < 0.4
+    assert "## " in (tmp_path / "results" / "seesaw.md").read_text()
