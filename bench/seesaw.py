@@ -693,7 +693,10 @@ def pooled_section(sets: dict[str, dict]) -> list[str]:
             pooled = methods.setdefault(method, {"tasks": {}, "avgs": []})
             pooled["tasks"] |= {f"{t} ({name})": statistics.mean(v) for t, v in row["tasks"].items()}
             pooled["avgs"] += row["avg"]
-    aggregate = {"methods": {m: {"tasks": v["tasks"], "avg": statistics.mean(v["avgs"])} for m, v in methods.items()}}
+    partial = [m for m, v in methods.items() if len(v["avgs"]) < len(runs)]  # its mean is not over the same runs
+    kept = {m: v for m, v in methods.items() if m not in partial}
+    aggregate = {"methods": {m: {"tasks": v["tasks"], "avg": statistics.mean(v["avgs"])} for m, v in kept.items()}}
+    lines += [f"{m}: {len(methods[m]['avgs'])} of {len(runs)} runs so far, left out of the goals" for m in partial]
     drops = {
         f"{config.split('/', 1)[1]} ({name})": {
             m: statistics.mean(d) for m, d in forgetting_drops(config.split("/", 1)[1], list(seeds.values())).items()

@@ -125,6 +125,21 @@ def test_task_sets_pool_into_margins_sign_counts_and_goals():
     assert "| forgetting cut >= 70% (a>b (small-eval200-set0)) | cut 80% | yes |" in text
 
 
+def test_a_baseline_run_on_one_set_only_is_left_out_of_the_pooled_goals():
+    """Its mean over fewer runs than CPI-FT's is not a like-for-like goal: the margins table pairs it, the goals
+    leave it out and say so."""
+    sets = {
+        f"small-eval200-set{k}": {"runs": {"matched": {"0": _run(0.6, others, tasks, k)}}}
+        for k, (tasks, others) in enumerate(
+            [(["a", "b"], {"multitask": 0.3, "lora_multitask_matched": 0.5}), (["c", "d"], {"multitask": 0.3})]
+        )
+    }
+    text = "\n".join(pooled_section(sets))
+    assert "| lora_multitask_matched (1 of 2 runs) |" in text
+    assert "lora_multitask_matched: 1 of 2 runs so far, left out of the goals" in text
+    assert ">= lora_multitask_matched average" not in text and "| CPI-FT average >= multi-task average | +" in text
+
+
 def test_a_task_set_runs_its_drawn_tasks_in_their_own_directories(tmp_path, monkeypatch):
     monkeypatch.setattr(seesaw, "SCREENED", tmp_path / "screen.json")
     args = _args("--parts matched forgetting --task-set 1 --matched-baselines multitask_matched")
