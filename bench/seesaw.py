@@ -226,7 +226,8 @@ def seed_configs(
             p = args.forgetting_p
             out_dir = base / f"forget-{a}-{b}" if p is None else base / f"forget-{a}-{b}-p{p:g}"
             name = f"{a}>{b}" if p is None else f"{a}>{b} (p = {p:g})"
-            starts[f"forgetting/{name}"] = [base / f"forget-{a}-{b}"]
+            # the default p's pair run, else a run whose probes of A and B are the same (its other steps redone)
+            starts[f"forgetting/{name}"] = [base / f"forget-{a}-{b}", *_matched_runs(base), base / "main", *same_probes]
             configs[f"forgetting/{name}"] = recipe(
                 size,
                 [a, b],

@@ -16,6 +16,7 @@ import seesaw  # noqa: E402
 from seesaw import bootstrap_margin, margins_section, pooled_section  # noqa: E402
 
 from peft_isolate._io import save_json  # noqa: E402
+from peft_isolate.pipeline import load_run, probe_key  # noqa: E402
 
 
 def _args(command: str):
@@ -164,6 +165,19 @@ def test_a_task_set_runs_its_drawn_tasks_in_their_own_directories(tmp_path, monk
     assert Path(configs["forgetting/x>y"].output_dir) == tmp_path / "seed3" / "forget-x-y"
     assert seesaw.work_root("small-eval200-set1") == seesaw.WORK / "small" / "set1"
     assert seesaw.work_root("small-eval200") == seesaw.WORK / "small"
+
+
+def test_a_forgetting_pair_starts_from_the_matched_run_whose_probes_it_trains_again_otherwise(tiny_dir, tmp_path):
+    """The pair's recipe differs from `matched`'s in tasks, fusion, plan, baselines and eval only: copied from it, the
+    pipeline keeps the two tasks' probes."""
+    tasks = ["basic_arithmetic", "letter_counting", "word_sorting"]
+    args = _args(f"--parts matched forgetting --model {tiny_dir} --pairs basic_arithmetic>letter_counting")
+    configs, starts = seesaw.seed_configs(args, seesaw.SIZES["small"], tasks, tmp_path, 0)
+    pair = "forgetting/basic_arithmetic>letter_counting"
+    assert starts[pair][:2] == [tmp_path / "forget-basic_arithmetic-letter_counting", tmp_path / "matched"]
+    matched, forgetting = load_run(configs["matched"]), load_run(configs[pair])
+    assert [probe_key(forgetting, t) for t in tasks[:2]] == [probe_key(matched, t) for t in tasks[:2]]
+    assert forgetting.inputs("eval") != matched.inputs("eval")  # its evaluations run again (stages too)
 
 
 def test_a_second_model_keeps_its_own_sections_directories_and_pools():
