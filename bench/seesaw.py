@@ -63,10 +63,12 @@ SIZES = {
     "full": dict(tasks=4, train=1000, eval=200, probe=200, stage=200, seq=128),
 }
 STAGED = ["multitask", "multistage_random", "multistage_given"]  # the baselines trained on CPI-FT's support
-# the `matched` part: what a user would otherwise run with CPI-FT's whole budget (probes plus stages): multi-task
-# on CPI-FT's support, LoRA, and multi-task on as many entries spread over all weights; multi-task at the stage
-# budget too, the comparison the other parts make
-MATCHED = ["multitask", "multitask_matched", "lora_multitask_matched", "multitask_all_weights_matched"]
+# the `matched` part: what a user would otherwise run, each at CPI-FT's stage budget (the comparison the other parts
+# make) and at its whole budget (probes plus stages): multi-task on CPI-FT's support, LoRA at its trainable count,
+# and multi-task on as many entries spread over all weights
+MATCHED = [
+    f"{b}{budget}" for b in ("multitask", "lora_multitask", "multitask_all_weights") for budget in ("", "_matched")
+]
 MATCHED_P = 0.05  # the p of `matched` unless --matched-p gives another (1%, auto)
 # dense mode trains the whole model (probes and stages are full fine-tunes but for the frozen cores), so it takes
 # a full fine-tuning learning rate; the adapter's lr of 1e-3-3e-3 on all weights wrecked the model (2.6 points)

@@ -211,6 +211,15 @@ def test_each_core_size_p_of_matched_is_its_own_run_and_row(tmp_path):
     assert [seesaw.matched_name(p) for p in (0.05, 0.01)] == ["matched", "matched-p0.01"]
 
 
+def test_matched_runs_every_baseline_at_the_stage_budget_and_at_the_whole_budget(tmp_path):
+    args = _args("--parts matched")
+    configs, _ = seesaw.seed_configs(args, seesaw.SIZES["small"], seesaw.TASKS[:3], tmp_path, 0)
+    baselines = configs["matched"].baselines
+    stems = {b.removesuffix("_matched") for b in baselines}
+    assert stems == {"multitask", "lora_multitask", "multitask_all_weights"}
+    assert sorted(baselines) == sorted(s + budget for s in stems for budget in ("", "_matched"))
+
+
 def _at_p(rate: float, p: float, seeds) -> dict[str, dict]:
     return {str(s): {**_run(rate, {}, ["t"], s), "meta": {"core size p": p}} for s in seeds}
 
