@@ -27,6 +27,7 @@ per size, task set and model (then one pooled over the sets of a model), and see
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import itertools
 import json
@@ -35,7 +36,7 @@ import shutil
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -714,6 +715,58 @@ def pooled_section(sets: dict[str, dict]) -> list[str]:
     return lines + goals(aggregate)
 
 
+def stage_position_section(sections: dict[str, dict]) -> list[str]:
+    """CPI-FT's score minus its single-task probe's, per task, by the stage that trained it (first, middle, last), over
+    every `matched` run of one model ({section: entry}) whose kept plan gives each task a stage of its own; beside
+    it the same tasks under multitask_matched, which has no stages: whether the order the plan draws decides which
+    task loses, or the task does whatever trains it."""
+    rows: dict[str, dict[str, list[float]]] = {}
+    read: list[str] = []  # the sections with such a run
+    for name, entry in sections.items():
+        for config, seeds in entry["runs"].items():
+            if config.split("-")[0] != "matched":
+                continue
+            for r in seeds.values():
+                stages, methods = r.get("plan", {}).get("stages", []), r["methods"]
+                if len(stages) < 3 or any(len(s["tasks"]) != 1 for s in stages):
+                    continue
+                probe = methods["probe"]["tasks"]
+                read += [name] if name not in read else []
+                for k, stage in enumerate(stages):
+                    task = stage["tasks"][0]
+                    row = rows.setdefault("first" if k == 0 else "last" if k == len(stages) - 1 else "middle", {})
+                    for method in ("cpi_ft", "multitask_matched"):
+                        if method in methods:
+                            row.setdefault(method, []).append(methods[method]["tasks"][task] - probe[task])
+    if not rows:
+        return []
+
+    def cell(values: list[float]) -> str:
+        if not values:
+            return "-"
+        return f"{100 * statistics.mean(values):+.1f} ({100 * min(values):+.1f} to {100 * max(values):+.1f})"
+
+    lines = [
+        "",
+        f"## CPI-FT by stage position ({', '.join(read)})",
+        "",
+        "Per task, its score minus its single-task probe's, by the stage that trained it (runs whose stages hold one "
+        "task each); multitask_matched trains no stages: its column is the same tasks. Mean (lowest to highest), "
+        "points:",
+        "",
+        "| trained in stage | tasks | cpi_ft | multitask_matched |",
+        "|---|---|---|---|",
+    ]
+    for position in ("first", "middle", "last"):
+        if position in rows:
+            row = rows[position]
+            lines.append(
+                f"| {position} | {len(row['cpi_ft'])} | {cell(row['cpi_ft'])} "
+                f"| {cell(row.get('multitask_matched', []))} |"
+            )
+    return lines
+
+
 def task_set_groups(sections: dict[str, dict]) -> dict[str, dict[str, dict]]:
     """The task-set sections ({section: entry}) that pool together: the same size, item count and model."""
     groups: dict[str, dict[str, dict]] = {}
@@ -723,19 +776,23 @@ def task_set_groups(sections: dict[str, dict]) -> dict[str, dict[str, dict]]:
     return groups
 
 
-def write_results(saved: dict) -> str:
-    """seesaw.md (a section per size and task set, smallest first, then the sets pooled per size) and
-    seesaw.json from every section's runs."""
+def write_results(saved: dict) -> None:
+    """seesaw.md (a section per size and task set, smallest first, then the sets pooled per size, then CPI-FT by
+    stage position per model) and seesaw.json from every section's runs."""
     lines = ["# Seesaw benchmark", ""]
     for name in sorted(saved["sizes"], key=lambda n: (list(SIZES).index(n.split("-")[0]), n)):
         section, saved["sizes"][name]["aggregate"] = report(name, saved["sizes"][name])
         lines += [*section, ""]
     for _, entries in sorted(task_set_groups(saved["sizes"]).items()):
         lines += [*pooled_section(entries), ""]
+    models: dict[str, dict[str, dict]] = {}
+    for name, entry in saved["sizes"].items():
+        models.setdefault(entry.get("model", DEFAULT_MODEL), {})[name] = entry
+    for entries in models.values():
+        lines += [*stage_position_section(entries), ""]
     save_json(saved, RESULTS / "seesaw.json")
     text = "\n".join(lines)
     write_atomic(RESULTS / "seesaw.md", lambda p: p.write_text(text))
-    return text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -767,14 +824,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--matched-p", type=lambda v: v if v == "auto" else float(v), default=MATCHED_P, help="core size p of `matched`"
     )
     p.add_argument("--task-set", type=int, metavar="K", help="the K-th task set bench/screen.py drew (default: ours)")
+    p.add_argument("--report", action="store_true", help="only write seesaw.md again from seesaw.json")
     args = p.parse_args(argv)
     args.seeds = args.seeds or ([0, 1, 2] if args.size == "full" else [0])
     args.parts = args.parts or (["main"] if args.size == "quick" else parts)
     return args
 
 
+@contextlib.contextmanager
+def saved_results() -> Iterator[dict]:
+    """seesaw.json's content, written back with its tables on exit; under a lock, so invocations running side by side
+    do not drop each other's runs."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    with open(WORK / "seesaw.json.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = RESULTS / "seesaw.json"
+        saved = json.loads(path.read_text()) if path.exists() else {"sizes": {}}
+        yield saved
+        write_results(saved)
+
+
 def main() -> None:
     args = parse_args()
+    if args.report:  # the tables again from seesaw.json (after a change to this report): nothing trains
+        with saved_results():
+            pass
+        print((RESULTS / "seesaw.md").read_text())
+        return
     size, name = SIZES[args.size], section_name(args)
     if args.eval_items:  # the same runs rescored: their own section, so the tables of each item count stay whole
         size = {**size, "eval_items": args.eval_items}
@@ -785,14 +861,9 @@ def main() -> None:
         size = {**size, "new_tokens": new_tokens}
     start = time.time()
 
-    def save(out: dict) -> str:
-        """The runs finished so far merged into seesaw.json and its tables: a stopped invocation keeps them. Under a
-        lock, so invocations running side by side do not drop each other's runs."""
-        WORK.mkdir(parents=True, exist_ok=True)
-        with open(WORK / "seesaw.json.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            path = RESULTS / "seesaw.json"
-            saved = json.loads(path.read_text()) if path.exists() else {"sizes": {}}
+    def save(out: dict) -> None:
+        """The runs finished so far merged into seesaw.json and its tables: a stopped invocation keeps them."""
+        with saved_results() as saved:
             saved["sizes"][name] = {
                 "size": size,
                 "tasks": tasks,
@@ -804,9 +875,9 @@ def main() -> None:
                 "date": time.strftime("%Y-%m-%d"),
                 "commit": provenance.commit(),
             }
-            return write_results(saved)
 
-    print(save(runs(args, size, tasks, work_root(name), finished=save)))
+    save(runs(args, size, tasks, work_root(name), finished=save))
+    print((RESULTS / "seesaw.md").read_text())
     written = [str(RESULTS / f) for f in ("seesaw.md", "seesaw.json", f"seesaw_{name}.png")]
     print(json.dumps({"written": [f for f in written if Path(f).exists()]}))
 

@@ -434,3 +434,56 @@ def test_an_invocation_stopped_in_its_second_run_keeps_its_first(tmp_path, monke
     assert list(saved["sizes"]["small"]["runs"]) == ["matched"]
     assert saved["sizes"]["small"]["runs"]["matched"]["0"]["methods"]["multitask"]["avg"] < 0.4
     assert "## " in (tmp_path / "results" / "seesaw.md").read_text()
+
+
+def _staged(order: list[str], scores: dict[str, dict[str, float]]) -> dict:
+    """A `matched` result whose kept plan trains the tasks of `order` one a stage, with the given task scores."""
+    methods = {m: {"tasks": tasks, "avg": statistics.mean(tasks.values())} for m, tasks in scores.items()}
+    return {"methods": methods, "plan": {"stages": [{"tasks": [t]} for t in order]}}
+
+
+def test_stage_position_pairs_each_task_with_its_probe_by_the_stage_that_trained_it():
+    """The task trained last loses 0.2 to its probe, the others nothing, whatever the task; multitask_matched (no
+    stages) loses nothing anywhere. Runs that are not `matched`, or whose stage holds two tasks, are left out."""
+    probe = {"a": 0.5, "b": 0.6, "c": 0.7}
+
+    def run(order: list[str]) -> dict:
+        cpi = {t: probe[t] - (0.2 if t == order[-1] else 0.0) for t in order}
+        return _staged(order, {"probe": probe, "cpi_ft": cpi, "multitask_matched": probe})
+
+    shared = {"probe": probe, "cpi_ft": {t: 0.0 for t in probe}}
+    sections = {
+        "small-eval200": {"runs": {"matched": {"0": run(["a", "b", "c"]), "1": run(["c", "a", "b"])}}},
+        "small-eval200-set0": {
+            "runs": {
+                "matched-p0.01": {"0": run(["b", "c", "a"])},
+                "ablation/no_fusion": {"0": _staged(["a", "b", "c"], shared)},
+                "matched": {"1": {**_staged(["a", "b"], shared), "plan": {"stages": [{"tasks": ["a", "b"]}] * 3}}},
+            }
+        },
+        "small": {"runs": {"main": {"0": {"methods": {}}}}},
+    }
+    lines = seesaw.stage_position_section(sections)
+    assert lines[1] == "## CPI-FT by stage position (small-eval200, small-eval200-set0)"
+    assert lines[-3:] == [
+        "| first | 3 | +0.0 (+0.0 to +0.0) | +0.0 (+0.0 to +0.0) |",
+        "| middle | 3 | +0.0 (+0.0 to +0.0) | +0.0 (+0.0 to +0.0) |",
+        "| last | 3 | -20.0 (-20.0 to -20.0) | +0.0 (+0.0 to +0.0) |",
+    ]
+    assert seesaw.stage_position_section({"small": sections["small"]}) == []
+
+
+def test_report_writes_the_tables_again_from_the_saved_results_and_trains_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(seesaw, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(seesaw, "WORK", tmp_path / "work")
+    (tmp_path / "results").mkdir()
+    monkeypatch.setattr(seesaw, "run_pipeline", lambda config: pytest.fail("--report trained"))
+    run = _run(0.4, {"multitask_matched": 0.3, "probe": 0.5}, ["a", "b", "c"], 0)
+    run["plan"] = {"stages": [{"tasks": [t]} for t in ("a", "b", "c")]}
+    entry = {"size": seesaw.SIZES["small"], "runs": {"matched": {"0": run}}, "command": "c", "minutes": 1.0}
+    save_json({"sizes": {"small-eval200": entry | {"device": "d", "date": "x"}}}, tmp_path / "results" / "seesaw.json")
+    monkeypatch.setattr(sys, "argv", ["seesaw.py", "--report"])
+    seesaw.main()
+    text = (tmp_path / "results" / "seesaw.md").read_text()
+    assert "## Size small-eval200" in text and "## CPI-FT by stage position (small-eval200)" in text
+    assert "aggregate" in json.loads((tmp_path / "results" / "seesaw.json").read_text())["sizes"]["small-eval200"]
