@@ -21,7 +21,8 @@ some).
 that bench/screen.py drew (tasks nobody picked) instead of the seesaw's own; its forgetting part then takes one
 ordered pair, the set's first two tasks. `--model` other than smollm2-135m (gemma3-270m, say) runs in its own
 directories and section (`small-eval200@gemma3-270m`). Writes bench/results/seesaw.md and seesaw.json, a section
-per size, task set and model (then one pooled over the sets of a model), and seesaw_<size>.png.
+per size, task set and model (then one pooled over the sets of a model, and CPI-FT by stage position per model),
+and seesaw_<size>.png; `--report` writes seesaw.md again from seesaw.json alone, training nothing.
 """
 
 from __future__ import annotations
