@@ -722,7 +722,7 @@ def stage_position_section(sections: dict[str, dict]) -> list[str]:
     it the same tasks under multitask_matched, which has no stages: whether the order the plan draws decides which
     task loses, or the task does whatever trains it."""
     rows: dict[str, dict[str, list[float]]] = {}
-    read: list[str] = []  # the sections with such a run
+    read: dict[str, None] = {}  # the sections with such a run, in order
     for name, entry in sections.items():
         for config, seeds in entry["runs"].items():
             if config.split("-")[0] != "matched":
@@ -732,7 +732,7 @@ def stage_position_section(sections: dict[str, dict]) -> list[str]:
                 if len(stages) < 3 or any(len(s["tasks"]) != 1 for s in stages):
                     continue
                 probe = methods["probe"]["tasks"]
-                read += [name] if name not in read else []
+                read[name] = None
                 for k, stage in enumerate(stages):
                     task = stage["tasks"][0]
                     row = rows.setdefault("first" if k == 0 else "last" if k == len(stages) - 1 else "middle", {})
