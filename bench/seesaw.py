@@ -436,18 +436,8 @@ def report(name: str, entry: dict) -> tuple[list[str], dict]:
     lines += p_section(runs)
     forgetting = {k.split("/", 1)[1]: v for k, v in out.items() if k.startswith("forgetting/")}
     if forgetting:
-        lines += [
-            "",
-            "### Forgetting: the drop of A after training B (points; lower is better)",
-            "",
-            "| A > B | sequential SFT | CPI-FT (A's core locked) |",
-            "|---|---|---|",
-        ]
-        aggregate["forgetting"] = {}
-        for pair, seeds in forgetting.items():
-            drops = forgetting_drops(pair, seeds)
-            aggregate["forgetting"][pair] = {m: statistics.mean(d) for m, d in drops.items()}
-            lines.append(f"| {pair} | {_mean_std(drops['multistage_given'])} | {_mean_std(drops['cpi_ft'])} |")
+        section, aggregate["forgetting"] = forgetting_section(forgetting)
+        lines += section
     for change in ABLATIONS:  # an ablation that trains its own baselines gets its own table and goals
         seeds = out.get(f"ablation/{change}", [])
         if seeds and set(STAGED) <= set(seeds[0]["methods"]):
@@ -465,14 +455,73 @@ def report(name: str, entry: dict) -> tuple[list[str], dict]:
     return lines + goals(aggregate), aggregate
 
 
+FORGETTING = ("multistage_given", "cpi_ft")  # sequential SFT, and CPI-FT with A's core locked
+
+
 def forgetting_drops(pair: str, seeds: list[dict]) -> dict[str, list[float]]:
     """Per seed, how far task A of `pair` ("A>B") fell from after its own stage to after B's: sequential SFT
     (`multistage_given`) and CPI-FT with A's core locked."""
     a = pair.split(">")[0]
-    return {
-        m: [r["methods"][f"{m}@0"]["tasks"][a] - r["methods"][m]["tasks"][a] for r in seeds]
-        for m in ("multistage_given", "cpi_ft")
+    return {m: [r["methods"][f"{m}@0"]["tasks"][a] - r["methods"][m]["tasks"][a] for r in seeds] for m in FORGETTING}
+
+
+def forgetting_items(pair: str, result: dict) -> dict[str, np.ndarray] | None:
+    """One seed's drop of task A of `pair` per eval item ({A: items x FORGETTING}), None for a run that kept no
+    per-item scores."""
+    a, methods = pair.split(">")[0], result["methods"]
+    if not all(methods[k].get("items") for m in FORGETTING for k in (m, f"{m}@0")):
+        return None
+    drops = [np.subtract(methods[f"{m}@0"]["items"][a], methods[m]["items"][a]) for m in FORGETTING]
+    return {a: np.stack(drops, axis=1)}
+
+
+def forgetting_section(
+    pairs: dict[str, list[dict]], pool: bool = False
+) -> tuple[list[str], dict[str, dict[str, float]]]:
+    """The forgetting table ({"A>B" label: one result per seed}), with `pool` and several pairs also pooled over
+    every pair x seed run: A's drop from after its own stage to after B's under sequential SFT and under CPI-FT
+    (mean ± std), CPI-FT's drop minus sequential SFT's and the forgetting cut (1 - CPI-FT's drop / sequential
+    SFT's), each with a 95% bootstrap interval over runs and A's eval items where they were kept, and a sign count.
+    Returns the lines and the mean drops ({label: {method: mean}}) the goals are checked on."""
+    rows = {
+        pair: (forgetting_drops(pair, seeds), [forgetting_items(pair, r) for r in seeds])
+        for pair, seeds in pairs.items()
     }
+    if pool and len(rows) > 1:
+        pooled = {m: [d for drops, _ in rows.values() for d in drops[m]] for m in FORGETTING}
+        rows["pooled"] = (pooled, [i for _, items in rows.values() for i in items])
+    lines = [
+        "",
+        "### Forgetting: the drop of A after training B (points; lower is better)",
+        "",
+        "Intervals: 95% bootstrap over runs and A's eval items, paired; a run scored before per-item scores were kept "
+        "has none.",
+        "",
+        "| A > B | runs | sequential SFT | CPI-FT (A's core locked) | CPI-FT minus sequential | forgetting cut "
+        "| CPI-FT forgot less in |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    means = {}
+    for pair, (drops, items) in rows.items():
+        means[pair] = {m: statistics.mean(d) for m, d in drops.items()}
+        sequential, isolated = means[pair]["multistage_given"], means[pair]["cpi_ft"]
+        difference = f"{100 * (isolated - sequential):+.1f}"
+        cut = f"{100 * (1 - isolated / sequential):.0f}%" if sequential > 0 else "none to cut"
+        if all(i is not None for i in items):
+            _, replicates = bootstrap_means(items)
+            low, high = np.percentile(replicates[:, 1] - replicates[:, 0], [2.5, 97.5])
+            difference += f" [{100 * low:+.1f}, {100 * high:+.1f}]"
+            if sequential > 0 and (replicates[:, 0] > 0).all():
+                low, high = np.percentile(1 - replicates[:, 1] / replicates[:, 0], [2.5, 97.5])
+                cut += f" [{100 * low:.0f}%, {100 * high:.0f}%]"
+            elif sequential > 0:
+                cut += " (no interval: sequential SFT's drop reaches 0)"
+        fewer = sum(i < s for s, i in zip(drops["multistage_given"], drops["cpi_ft"], strict=True))
+        lines.append(
+            f"| {pair} | {len(items)} | {_mean_std(drops['multistage_given'])} | {_mean_std(drops['cpi_ft'])} "
+            f"| {difference} | {cut} | {fewer} of {len(items)} |"
+        )
+    return lines, means
 
 
 def overlap_section(root: Path, ablations: dict[str, dict[str, dict]]) -> list[str]:
@@ -593,21 +642,35 @@ def methods_section(title: str, seeds: list[dict]) -> tuple[list[str], dict]:
     return lines, means
 
 
+def bootstrap_means(
+    per_seed: list[dict[str, np.ndarray]], reps: int = 2000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """The mean over tasks, then over seeds, of per-item values (per seed {task: items, or items x columns}) and
+    `reps` bootstrap replicates of it: each draws the seeds with replacement and, within each, the items per task
+    with replacement, the same items for every column (paired)."""
+    rng = np.random.default_rng(seed)
+    estimate = np.mean([np.mean([d.mean(axis=0) for d in s.values()], axis=0) for s in per_seed], axis=0)
+    replicates = np.empty((reps, *np.shape(estimate)))
+    for r in range(reps):
+        chosen = rng.integers(0, len(per_seed), len(per_seed))
+        replicates[r] = np.mean(
+            [
+                np.mean([d[rng.integers(0, len(d), len(d))].mean(axis=0) for d in per_seed[k].values()], axis=0)
+                for k in chosen
+            ],
+            axis=0,
+        )
+    return estimate, replicates
+
+
 def bootstrap_margin(pairs: list[tuple[dict, dict]], reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """CPI-FT's margin over a baseline (mean over tasks of the score difference, then over seeds) and its 95%
-    bootstrap interval: each replicate draws the seeds with replacement and, within each, the eval items per task
-    with replacement, paired (both methods on the same items). `pairs` holds, per seed, the two methods' per-item
-    scores {task: [score per item]}."""
-    rng = np.random.default_rng(seed)
+    bootstrap interval (`bootstrap_means`, paired: both methods on the same items). `pairs` holds, per seed, the two
+    methods' per-item scores {task: [score per item]}."""
     diffs = [{t: np.asarray(a[t]) - np.asarray(b[t]) for t in a} for a, b in pairs]
-    margin = float(np.mean([np.mean([d.mean() for d in seed_diffs.values()]) for seed_diffs in diffs]))
-    replicates = np.empty(reps)
-    for r in range(reps):
-        chosen = rng.integers(0, len(diffs), len(diffs))
-        per_seed = [np.mean([d[rng.integers(0, d.size, d.size)].mean() for d in diffs[k].values()]) for k in chosen]
-        replicates[r] = np.mean(per_seed)
+    margin, replicates = bootstrap_means(diffs, reps, seed)
     low, high = np.percentile(replicates, [2.5, 97.5])
-    return margin, float(low), float(high)
+    return float(margin), float(low), float(high)
 
 
 def margins_section(seeds: list[dict], method: str = "cpi_ft") -> list[str]:
@@ -702,17 +765,15 @@ def pooled_section(sets: dict[str, dict]) -> list[str]:
     kept = {m: v for m, v in methods.items() if m not in partial}
     aggregate = {"methods": {m: {"tasks": v["tasks"], "avg": statistics.mean(v["avgs"])} for m, v in kept.items()}}
     lines += [f"{m}: {len(methods[m]['avgs'])} of {len(runs)} runs so far, left out of the goals" for m in partial]
-    drops = {
-        f"{config.split('/', 1)[1]} ({name})": {
-            m: statistics.mean(d) for m, d in forgetting_drops(config.split("/", 1)[1], list(seeds.values())).items()
-        }
+    forgetting = {
+        f"{config.split('/', 1)[1]} ({name})": [seeds[k] for k in sorted(seeds, key=int)]
         for name, entry in sets.items()
         for config, seeds in entry["runs"].items()
         if config.startswith("forgetting/")
     }
-    if drops:
-        drops["pooled"] = {m: statistics.mean(d[m] for d in drops.values()) for m in ("multistage_given", "cpi_ft")}
-        aggregate["forgetting"] = drops
+    if forgetting:
+        section, aggregate["forgetting"] = forgetting_section(forgetting, pool=True)
+        lines += section
     return lines + goals(aggregate)
 
 

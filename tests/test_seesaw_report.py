@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
 import seesaw  # noqa: E402
-from seesaw import bootstrap_margin, margins_section, pooled_section  # noqa: E402
+from seesaw import bootstrap_margin, forgetting_section, margins_section, pooled_section  # noqa: E402
 
 from peft_isolate._io import save_json  # noqa: E402
 from peft_isolate.pipeline import load_run, probe_key  # noqa: E402
@@ -124,6 +125,45 @@ def test_task_sets_pool_into_margins_sign_counts_and_goals():
     assert "| CPI-FT average >= lora_multitask_matched average | -" in text
     assert "| forgetting cut >= 70% (pooled) | cut 80% | yes |" in text
     assert "| forgetting cut >= 70% (a>b (small-eval200-set0)) | cut 80% | yes |" in text
+
+
+def _forgetting_items(a: str, before: dict[str, list[float]], after: dict[str, list[float]]) -> dict:
+    """A forgetting pair's result with A's per-item scores after A's stage (`m@0`) and after B's, per method."""
+    methods = {}
+    for m in before:
+        for name, items in ((f"{m}@0", before[m]), (m, after[m])):
+            methods[name] = {"tasks": {a: statistics.mean(items)}, "items": {a: items}}
+    return {"methods": methods}
+
+
+def test_forgetting_gets_intervals_over_seeds_and_items_and_pools_only_when_asked():
+    """Sequential SFT loses 30 of A's 200 items in every seed and CPI-FT 6: its drop is 12 points under, the cut
+    80%, both exact, and both intervals separate it; without per-item scores there is no interval."""
+
+    def seed(s: int) -> dict:
+        before = [1.0] * 100 + _items(0.5, 100, s)
+        lost = {"multistage_given": 30, "cpi_ft": 6}
+        after = {m: [0.0] * n + before[n:] for m, n in lost.items()}
+        return _forgetting_items("a", dict.fromkeys(lost, before), after)
+
+    seeds = [seed(s) for s in range(3)]
+    lines, means = forgetting_section({"a>b": seeds})
+    assert means["a>b"]["multistage_given"] == pytest.approx(0.15) and means["a>b"]["cpi_ft"] == pytest.approx(0.03)
+    row = next(line for line in lines if line.startswith("| a>b |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:4] == ["a>b", "3", "15.0 ± 0.0", "3.0 ± 0.0"] and cells[-1] == "3 of 3"
+    difference = re.fullmatch(r"-12\.0 \[([-+][\d.]+), ([-+][\d.]+)\]", cells[4])
+    cut = re.fullmatch(r"80% \[(\d+)%, (\d+)%\]", cells[5])
+    assert difference and float(difference[1]) <= -12.0 <= float(difference[2]) < 0
+    assert cut and 0 < int(cut[1]) <= 80 <= int(cut[2]) <= 100
+    assert not any(line.startswith("| pooled |") for line in lines)
+
+    bare = [_forgetting("c", "d", {"multistage_given": 0.2, "cpi_ft": 0.04})]
+    lines, means = forgetting_section({"a>b": seeds, "c>d": bare}, pool=True)
+    assert next(line for line in lines if line.startswith("| c>d |")).split("|")[5:7] == [" -16.0 ", " 80% "]
+    pooled = next(line for line in lines if line.startswith("| pooled |"))
+    assert "| 4 |" in pooled and "[" not in pooled and pooled.endswith("| 4 of 4 |")
+    assert means["pooled"]["cpi_ft"] == pytest.approx((3 * 0.03 + 0.04) / 4)
 
 
 def test_a_baseline_run_on_one_set_only_is_left_out_of_the_pooled_goals():
