@@ -497,9 +497,9 @@ def forgetting_section(
         "Intervals: 95% bootstrap over runs and A's eval items, paired; a run scored before per-item scores were kept "
         "has none.",
         "",
-        "| A > B | runs | sequential SFT | CPI-FT (A's core locked) | CPI-FT minus sequential | forgetting cut "
-        "| CPI-FT forgot less in |",
-        "|---|---|---|---|---|---|---|",
+        "| A > B | runs | sequential SFT | CPI-FT (A's core locked) | CPI-FT minus sequential | per run "
+        "| forgetting cut | CPI-FT forgot less in |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     means = {}
     for pair, (drops, items) in rows.items():
@@ -516,10 +516,11 @@ def forgetting_section(
                 cut += f" [{100 * low:.0f}%, {100 * high:.0f}%]"
             elif sequential > 0:
                 cut += " (no interval: sequential SFT's drop reaches 0)"
-        fewer = sum(i < s for s, i in zip(drops["multistage_given"], drops["cpi_ft"], strict=True))
+        per_run = [i - s for s, i in zip(drops["multistage_given"], drops["cpi_ft"], strict=True)]
+        fewer = sum(d < 0 for d in per_run)
         lines.append(
             f"| {pair} | {len(items)} | {_mean_std(drops['multistage_given'])} | {_mean_std(drops['cpi_ft'])} "
-            f"| {difference} | {cut} | {fewer} of {len(items)} |"
+            f"| {difference} | {', '.join(f'{100 * d:+.1f}' for d in per_run)} | {cut} | {fewer} of {len(items)} |"
         )
     return lines, means
 

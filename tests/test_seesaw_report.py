@@ -153,14 +153,15 @@ def test_forgetting_gets_intervals_over_seeds_and_items_and_pools_only_when_aske
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[:4] == ["a>b", "3", "15.0 ± 0.0", "3.0 ± 0.0"] and cells[-1] == "3 of 3"
     difference = re.fullmatch(r"-12\.0 \[([-+][\d.]+), ([-+][\d.]+)\]", cells[4])
-    cut = re.fullmatch(r"80% \[(\d+)%, (\d+)%\]", cells[5])
+    assert cells[5] == "-12.0, -12.0, -12.0"
+    cut = re.fullmatch(r"80% \[(\d+)%, (\d+)%\]", cells[6])
     assert difference and float(difference[1]) <= -12.0 <= float(difference[2]) < 0
     assert cut and 0 < int(cut[1]) <= 80 <= int(cut[2]) <= 100
     assert not any(line.startswith("| pooled |") for line in lines)
 
     bare = [_forgetting("c", "d", {"multistage_given": 0.2, "cpi_ft": 0.04})]
     lines, means = forgetting_section({"a>b": seeds, "c>d": bare}, pool=True)
-    assert next(line for line in lines if line.startswith("| c>d |")).split("|")[5:7] == [" -16.0 ", " 80% "]
+    assert next(line for line in lines if line.startswith("| c>d |")).split("|")[5:8] == [" -16.0 ", " -16.0 ", " 80% "]
     pooled = next(line for line in lines if line.startswith("| pooled |"))
     assert "| 4 |" in pooled and "[" not in pooled and pooled.endswith("| 4 of 4 |")
     assert means["pooled"]["cpi_ft"] == pytest.approx((3 * 0.03 + 0.04) / 4)
