@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import provenance
 import torch
+from matplotlib.figure import Figure
 
 from peft_isolate._io import load_json, save_json, write_atomic
 from peft_isolate.evaluate import plot_scores
@@ -475,21 +476,38 @@ def forgetting_items(pair: str, result: dict) -> dict[str, np.ndarray] | None:
     return {a: np.stack(drops, axis=1)}
 
 
-def forgetting_section(
-    pairs: dict[str, list[dict]], pool: bool = False
-) -> tuple[list[str], dict[str, dict[str, float]]]:
-    """The forgetting table ({"A>B" label: one result per seed}), with `pool` and several pairs also pooled over
-    every pair x seed run: A's drop from after its own stage to after B's under sequential SFT and under CPI-FT
-    (mean ± std), CPI-FT's drop minus sequential SFT's and the forgetting cut (1 - CPI-FT's drop / sequential
-    SFT's), each with a 95% bootstrap interval over runs and A's eval items where they were kept, and a sign count.
-    Returns the lines and the mean drops ({label: {method: mean}}) the goals are checked on."""
-    rows = {
+def forgetting_rows(pairs: dict[str, list[dict]], pool: bool = False) -> dict[str, dict]:
+    """Per ordered pair ({"A>B" label: one result per seed}), with `pool` and several pairs also pooled over every
+    pair x seed run: A's drops per run and their means (FORGETTING's methods), CPI-FT's drop minus sequential
+    SFT's and the forgetting cut (1 - CPI-FT's drop / sequential SFT's), each as (value, 95% low, high) with a
+    bootstrap interval over runs and A's eval items where every run kept them (else None)."""
+    runs = {
         pair: (forgetting_drops(pair, seeds), [forgetting_items(pair, r) for r in seeds])
         for pair, seeds in pairs.items()
     }
-    if pool and len(rows) > 1:
-        pooled = {m: [d for drops, _ in rows.values() for d in drops[m]] for m in FORGETTING}
-        rows["pooled"] = (pooled, [i for _, items in rows.values() for i in items])
+    if pool and len(runs) > 1:
+        pooled = {m: [d for drops, _ in runs.values() for d in drops[m]] for m in FORGETTING}
+        runs["pooled"] = (pooled, [i for _, items in runs.values() for i in items])
+    rows = {}
+    for pair, (drops, items) in runs.items():
+        means = {m: statistics.mean(d) for m, d in drops.items()}
+        sequential, isolated = means["multistage_given"], means["cpi_ft"]
+        difference = (isolated - sequential, None, None)
+        cut = (1 - isolated / sequential, None, None) if sequential > 0 else None
+        if all(i is not None for i in items):
+            _, replicates = bootstrap_means(items)
+            difference = (difference[0], *np.percentile(replicates[:, 1] - replicates[:, 0], [2.5, 97.5]))
+            if cut and (replicates[:, 0] > 0).all():  # else a replicate with no sequential drop has no cut
+                cut = (cut[0], *np.percentile(1 - replicates[:, 1] / replicates[:, 0], [2.5, 97.5]))
+        rows[pair] = {"drops": drops, "means": means, "difference": difference, "cut": cut}
+    return rows
+
+
+def forgetting_section(
+    pairs: dict[str, list[dict]], pool: bool = False
+) -> tuple[list[str], dict[str, dict[str, float]]]:
+    """The forgetting table of `forgetting_rows` (means ± std, intervals, per run and a sign count), and the mean
+    drops ({label: {method: mean}}) the goals are checked on."""
     lines = [
         "",
         "### Forgetting: the drop of A after training B (points; lower is better)",
@@ -501,28 +519,24 @@ def forgetting_section(
         "| forgetting cut | CPI-FT forgot less in |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    means = {}
-    for pair, (drops, items) in rows.items():
-        means[pair] = {m: statistics.mean(d) for m, d in drops.items()}
-        sequential, isolated = means[pair]["multistage_given"], means[pair]["cpi_ft"]
-        difference = f"{100 * (isolated - sequential):+.1f}"
-        cut = f"{100 * (1 - isolated / sequential):.0f}%" if sequential > 0 else "none to cut"
-        if all(i is not None for i in items):
-            _, replicates = bootstrap_means(items)
-            low, high = np.percentile(replicates[:, 1] - replicates[:, 0], [2.5, 97.5])
-            difference += f" [{100 * low:+.1f}, {100 * high:+.1f}]"
-            if sequential > 0 and (replicates[:, 0] > 0).all():
-                low, high = np.percentile(1 - replicates[:, 1] / replicates[:, 0], [2.5, 97.5])
-                cut += f" [{100 * low:.0f}%, {100 * high:.0f}%]"
-            elif sequential > 0:
+    rows = forgetting_rows(pairs, pool)
+    for pair, row in rows.items():
+        drops, (value, low, high) = row["drops"], row["difference"]
+        difference = f"{100 * value:+.1f}" + ("" if low is None else f" [{100 * low:+.1f}, {100 * high:+.1f}]")
+        if row["cut"] is None:
+            cut = "none to cut"
+        else:
+            value, low, high = row["cut"]
+            cut = f"{100 * value:.0f}%" + (f" [{100 * low:.0f}%, {100 * high:.0f}%]" if low is not None else "")
+            if low is None and row["difference"][1] is not None:
                 cut += " (no interval: sequential SFT's drop reaches 0)"
         per_run = [i - s for s, i in zip(drops["multistage_given"], drops["cpi_ft"], strict=True)]
-        fewer = sum(d < 0 for d in per_run)
         lines.append(
-            f"| {pair} | {len(items)} | {_mean_std(drops['multistage_given'])} | {_mean_std(drops['cpi_ft'])} "
-            f"| {difference} | {', '.join(f'{100 * d:+.1f}' for d in per_run)} | {cut} | {fewer} of {len(items)} |"
+            f"| {pair} | {len(per_run)} | {_mean_std(drops['multistage_given'])} | {_mean_std(drops['cpi_ft'])} "
+            f"| {difference} | {', '.join(f'{100 * d:+.1f}' for d in per_run)} | {cut} "
+            f"| {sum(d < 0 for d in per_run)} of {len(per_run)} |"
         )
-    return lines, means
+    return lines, {pair: row["means"] for pair, row in rows.items()}
 
 
 def overlap_section(root: Path, ablations: dict[str, dict[str, dict]]) -> list[str]:
@@ -674,11 +688,32 @@ def bootstrap_margin(pairs: list[tuple[dict, dict]], reps: int = 2000, seed: int
     return float(margin), float(low), float(high)
 
 
-def margins_section(seeds: list[dict], method: str = "cpi_ft") -> list[str]:
-    """A table of `method`'s margin over each other method scored on the same items in every seed (or set x seed
-    run): mean, per run, 95% bootstrap interval over runs and items, whether the interval leaves out zero, and a
-    sign count (in how many runs `method`'s average beats the other's)."""
+def margin_rows(seeds: list[dict], method: str = "cpi_ft") -> list[dict]:
+    """`method`'s margin over each other method scored on the same items in the seeds (or set x seed runs) it ran:
+    {baseline, runs (how many), of (of how many), margin, low, high (95% bootstrap over runs and items), per_run}."""
     if not seeds[0]["methods"].get(method, {}).get("items"):
+        return []
+    rows = []
+    for other in dict.fromkeys(m for r in seeds for m in r["methods"]):
+        if other == method or "@" in other or other == "base":
+            continue
+        scored = [r for r in seeds if other in r["methods"]]  # a baseline added later: the runs it has so far
+        pairs = [(r["methods"][method].get("items"), r["methods"][other].get("items")) for r in scored]
+        if not all(a and b and set(a) == set(b) for a, b in pairs):
+            continue  # single-task rows, or a seed scored before per-item scores were kept
+        margin, low, high = bootstrap_margin(pairs)
+        per_run = [r["methods"][method]["avg"] - r["methods"][other]["avg"] for r in scored]
+        rows.append(
+            dict(baseline=other, runs=len(scored), of=len(seeds), margin=margin, low=low, high=high, per_run=per_run)
+        )
+    return rows
+
+
+def margins_section(seeds: list[dict], method: str = "cpi_ft") -> list[str]:
+    """A table of `margin_rows`: mean, per run, 95% interval, whether the interval leaves out zero, and a sign
+    count (in how many runs `method`'s average beats the other's)."""
+    rows = margin_rows(seeds, method)
+    if not rows:
         return []
     lines = [
         "",
@@ -688,21 +723,14 @@ def margins_section(seeds: list[dict], method: str = "cpi_ft") -> list[str]:
         "| baseline | margin | per seed | 95% interval | interval excludes 0 | ahead in |",
         "|---|---|---|---|---|---|",
     ]
-    for other in dict.fromkeys(m for r in seeds for m in r["methods"]):
-        if other == method or "@" in other or other == "base":
-            continue
-        scored = [r for r in seeds if other in r["methods"]]  # a baseline added later: the runs it has so far
-        pairs = [(r["methods"][method].get("items"), r["methods"][other].get("items")) for r in scored]
-        if not all(a and b and set(a) == set(b) for a, b in pairs):
-            continue  # single-task rows, or a seed scored before per-item scores were kept
-        margin, low, high = bootstrap_margin(pairs)
-        margins = [r["methods"][method]["avg"] - r["methods"][other]["avg"] for r in scored]
-        per_seed = ", ".join(f"{100 * m:+.1f}" for m in margins)
+    for row in rows:
+        low, high = row["low"], row["high"]
         verdict = "yes, CPI-FT ahead" if low > 0 else "yes, CPI-FT behind" if high < 0 else "no"
-        name = other if len(scored) == len(seeds) else f"{other} ({len(scored)} of {len(seeds)} runs)"
+        name = row["baseline"] if row["runs"] == row["of"] else f"{row['baseline']} ({row['runs']} of {row['of']} runs)"
         lines.append(
-            f"| {name} | {100 * margin:+.1f} | {per_seed} | [{100 * low:+.1f}, {100 * high:+.1f}] | {verdict} "
-            f"| {sum(m > 0 for m in margins)} of {len(scored)} |"
+            f"| {name} | {100 * row['margin']:+.1f} | {', '.join(f'{100 * m:+.1f}' for m in row['per_run'])} "
+            f"| [{100 * low:+.1f}, {100 * high:+.1f}] | {verdict} | {sum(m > 0 for m in row['per_run'])} of "
+            f"{row['runs']} |"
         )
     return lines
 
@@ -741,15 +769,67 @@ def goals(aggregate: dict) -> list[str]:
     ]
 
 
+def set_runs(sets: dict[str, dict], config: str) -> dict[str, list[dict]]:
+    """Per task-set section ({section: entry}) that ran `config`, its results in seed order."""
+    return {
+        name: [entry["runs"][config][k] for k in sorted(entry["runs"][config], key=int)]
+        for name, entry in sets.items()
+        if config in entry["runs"]
+    }
+
+
+def set_forgetting(sets: dict[str, dict]) -> dict[str, list[dict]]:
+    """The task sets' forgetting pairs ({"A>B (section)": results in seed order})."""
+    return {
+        f"{config.split('/', 1)[1]} ({name})": seeds
+        for name, entry in sets.items()
+        for config in entry["runs"]
+        if config.startswith("forgetting/")
+        for seeds in set_runs({name: entry}, config).values()
+    }
+
+
+def plot_task_sets(sets: dict[str, dict], path: Path) -> Path | None:
+    """The task sets nobody picked as a forest plot: CPI-FT's margin over each baseline of `matched` per set and
+    pooled (left), and its forgetting minus sequential SFT's per pair and pooled (right), with 95% bootstrap
+    intervals (over runs and eval items); left of zero is CPI-FT behind on the left panel and forgetting less on
+    the right. None with fewer than two sets."""
+    matched = set_runs(sets, "matched")
+    if len(matched) < 2:
+        return None
+    groups = {**dict(sorted(matched.items())), "pooled": [r for seeds in matched.values() for r in seeds]}
+    rows = [(name, row) for name, seeds in groups.items() for row in margin_rows(seeds) if row["baseline"] != "probe"]
+    order = list(dict.fromkeys(row["baseline"] for _, row in rows))  # a baseline's sets and pool together
+    margins = [
+        (f"{row['baseline']} · {name.rsplit('-', 1)[-1]} ({row['runs']})", row)
+        for name, row in sorted(rows, key=lambda r: order.index(r[1]["baseline"]))
+    ]
+    forgetting = [
+        (re.sub(r" \([^()]*-(set\d+)\)$", r" · \1", pair) + f" ({len(row['drops']['cpi_ft'])})", row)
+        for pair, row in forgetting_rows(set_forgetting(sets), pool=True).items()
+    ]
+    panels = [(margins, "CPI-FT's margin (points)"), (forgetting, "CPI-FT's drop minus sequential SFT's (points)")]
+    panels = [(rows, label) for rows, label in panels if rows]
+    fig = Figure(figsize=(6.5 * len(panels), 0.32 * max(len(rows) for rows, _ in panels) + 1.4))
+    for ax, (rows, label) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
+        for y, (_, row) in enumerate(reversed(rows)):
+            value, low, high = (row["margin"], row["low"], row["high"]) if "margin" in row else row["difference"]
+            ax.plot(100 * value, y, "o", color="black" if low is not None else "grey")
+            if low is not None:
+                ax.hlines(y, 100 * low, 100 * high, color="black")
+        ax.axvline(0, color="grey", linestyle="dashed")
+        ax.set_yticks(range(len(rows)), [name for name, _ in reversed(rows)], fontsize="small")
+        ax.set_xlabel(label)
+    fig.suptitle("Task sets nobody picked: 95% bootstrap intervals (runs in brackets)", fontsize="medium")
+    fig.tight_layout()
+    return write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=120))
+
+
 def pooled_section(sets: dict[str, dict]) -> list[str]:
     """The task sets' `matched` and forgetting runs pooled ({section: entry}, one size): per baseline CPI-FT's
     margin over every set x seed run (95% bootstrap interval over runs and eval items) and a sign count (in how
     many runs CPI-FT's average beats the baseline's), then the goals on the pooled means, a task per set."""
-    matched = {
-        name: [entry["runs"]["matched"][k] for k in sorted(entry["runs"]["matched"], key=int)]
-        for name, entry in sets.items()
-        if "matched" in entry["runs"]
-    }
+    matched = set_runs(sets, "matched")
     if len(matched) < 2:
         return []  # one set has its own section
     runs = [r for seeds in matched.values() for r in seeds]
@@ -766,12 +846,7 @@ def pooled_section(sets: dict[str, dict]) -> list[str]:
     kept = {m: v for m, v in methods.items() if m not in partial}
     aggregate = {"methods": {m: {"tasks": v["tasks"], "avg": statistics.mean(v["avgs"])} for m, v in kept.items()}}
     lines += [f"{m}: {len(methods[m]['avgs'])} of {len(runs)} runs so far, left out of the goals" for m in partial]
-    forgetting = {
-        f"{config.split('/', 1)[1]} ({name})": [seeds[k] for k in sorted(seeds, key=int)]
-        for name, entry in sets.items()
-        for config, seeds in entry["runs"].items()
-        if config.startswith("forgetting/")
-    }
+    forgetting = set_forgetting(sets)
     if forgetting:
         section, aggregate["forgetting"] = forgetting_section(forgetting, pool=True)
         lines += section
@@ -846,8 +921,9 @@ def write_results(saved: dict) -> None:
     for name in sorted(saved["sizes"], key=lambda n: (list(SIZES).index(n.split("-")[0]), n)):
         section, saved["sizes"][name]["aggregate"] = report(name, saved["sizes"][name])
         lines += [*section, ""]
-    for _, entries in sorted(task_set_groups(saved["sizes"]).items()):
+    for group, entries in sorted(task_set_groups(saved["sizes"]).items()):
         lines += [*pooled_section(entries), ""]
+        plot_task_sets(entries, RESULTS / f"seesaw_sets_{group.replace('@', '_')}.png")
     models: dict[str, dict[str, dict]] = {}
     for name, entry in saved["sizes"].items():
         models.setdefault(entry.get("model", DEFAULT_MODEL), {})[name] = entry
@@ -922,7 +998,7 @@ def main() -> None:
     else:  # a set's size records the new tokens it generates: its answers may be longer than the seesaw's
         tasks, new_tokens = drawn_set(args.task_set)
         size = {**size, "new_tokens": new_tokens}
-    start = time.time()
+    start, commit = time.time(), provenance.commit()  # the code that runs, whatever is committed meanwhile
 
     def save(out: dict) -> None:
         """The runs finished so far merged into seesaw.json and its tables: a stopped invocation keeps them."""
@@ -936,7 +1012,7 @@ def main() -> None:
                 "minutes": (time.time() - start) / 60,
                 "device": provenance.device(),
                 "date": time.strftime("%Y-%m-%d"),
-                "commit": provenance.commit(),
+                "commit": commit,
             }
 
     save(runs(args, size, tasks, work_root(name), finished=save))

@@ -102,9 +102,9 @@ def _forgetting(a: str, b: str, drops: dict[str, float]) -> dict:
     return {"methods": methods}
 
 
-def test_task_sets_pool_into_margins_sign_counts_and_goals():
+def test_task_sets_pool_into_margins_sign_counts_goals_and_a_plot(tmp_path):
     """Two sets x two seeds: CPI-FT ahead of multi-task in all four runs, clearly behind LoRA in all four; the
-    forgetting cut is pooled over the sets' pairs."""
+    forgetting cut is pooled over the sets' pairs; the plot needs two sets."""
     sets = {}
     for k, tasks in enumerate([["a", "b", "c"], ["d", "e", "f"]]):
         matched = {
@@ -125,6 +125,9 @@ def test_task_sets_pool_into_margins_sign_counts_and_goals():
     assert "| CPI-FT average >= lora_multitask_matched average | -" in text
     assert "| forgetting cut >= 70% (pooled) | cut 80% | yes |" in text
     assert "| forgetting cut >= 70% (a>b (small-eval200-set0)) | cut 80% | yes |" in text
+    assert seesaw.plot_task_sets({"small-eval200-set0": sets["small-eval200-set0"]}, tmp_path / "one.png") is None
+    png = seesaw.plot_task_sets(sets, tmp_path / "sets.png")
+    assert png.read_bytes().startswith(b"\x89PNG") and not (tmp_path / "one.png").exists()
 
 
 def _forgetting_items(a: str, before: dict[str, list[float]], after: dict[str, list[float]]) -> dict:
@@ -475,6 +478,20 @@ def test_an_invocation_stopped_in_its_second_run_keeps_its_first(tmp_path, monke
     assert list(saved["sizes"]["small"]["runs"]) == ["matched"]
     assert saved["sizes"]["small"]["runs"]["matched"]["0"]["methods"]["multitask"]["avg"] < 0.4
     assert "## " in (tmp_path / "results" / "seesaw.md").read_text()
+
+
+def test_results_name_the_commit_the_invocation_started_from(tmp_path, monkeypatch):
+    """A long invocation saves after each run; a commit made meanwhile is not the code that ran."""
+    monkeypatch.setattr(seesaw, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(seesaw, "WORK", tmp_path / "work")
+    (tmp_path / "results").mkdir()
+    commits = iter(["started", "committed meanwhile", "committed later"])
+    monkeypatch.setattr(seesaw.provenance, "commit", lambda: next(commits))
+    monkeypatch.setattr(seesaw, "run_pipeline", lambda config: _run(0.4, {"multitask": 0.3}, list(config.tasks), 0))
+    monkeypatch.setattr(sys, "argv", ["seesaw.py", "--size", "small", "--parts", "matched", "--seeds", "0", "1"])
+    seesaw.main()
+    saved = json.loads((tmp_path / "results" / "seesaw.json").read_text())
+    assert saved["sizes"]["small"]["commit"] == "started"
 
 
 def _staged(order: list[str], scores: dict[str, dict[str, float]]) -> dict:
