@@ -477,17 +477,23 @@ def forgetting_items(pair: str, result: dict) -> dict[str, np.ndarray] | None:
 
 
 def forgetting_rows(pairs: dict[str, list[dict]], pool: bool = False) -> dict[str, dict]:
-    """Per ordered pair ({"A>B" label: one result per seed}), with `pool` and several pairs also pooled over every
-    pair x seed run: A's drops per run and their means (FORGETTING's methods), CPI-FT's drop minus sequential
-    SFT's and the forgetting cut (1 - CPI-FT's drop / sequential SFT's), each as (value, 95% low, high) with a
-    bootstrap interval over runs and A's eval items where every run kept them (else None)."""
+    """Per ordered pair ({"A>B" label: one result per seed}), with `pool` also pooled over every pair x seed run at
+    the same core size p (a label's "(p = ...)") where there are several: A's drops per run and their means
+    (FORGETTING's methods), CPI-FT's drop minus sequential SFT's and the forgetting cut (1 - CPI-FT's drop /
+    sequential SFT's), each as (value, 95% low, high) with a bootstrap interval over runs and A's eval items where
+    every run kept them (else None)."""
     runs = {
         pair: (forgetting_drops(pair, seeds), [forgetting_items(pair, r) for r in seeds])
         for pair, seeds in pairs.items()
     }
-    if pool and len(runs) > 1:
-        pooled = {m: [d for drops, _ in runs.values() for d in drops[m]] for m in FORGETTING}
-        runs["pooled"] = (pooled, [i for _, items in runs.values() for i in items])
+    if pool:
+        by_p: dict[str, list[str]] = {}  # a pair pools with those at its core size p
+        for pair in runs:
+            by_p.setdefault(" ".join(["pooled", *re.findall(r"\(p = [^)]*\)", pair)]), []).append(pair)
+        for name, members in by_p.items():
+            if len(members) > 1:
+                pooled = {m: [d for pair in members for d in runs[pair][0][m]] for m in FORGETTING}
+                runs[name] = (pooled, [i for pair in members for i in runs[pair][1]])
     rows = {}
     for pair, (drops, items) in runs.items():
         means = {m: statistics.mean(d) for m, d in drops.items()}
@@ -755,7 +761,12 @@ def goals(aggregate: dict) -> list[str]:
     lines = [f"| {goal} | {100 * margin:+.1f} points | {'yes' if margin >= 0 else 'no'} |" for goal, margin in rows]
     for pair, drops in aggregate.get("forgetting", {}).items():
         sequential, isolated = drops["multistage_given"], drops["cpi_ft"]
-        cut = 1 - isolated / sequential if sequential > 0 else float("nan")
+        if sequential <= 0:
+            lines.append(
+                f"| forgetting cut >= 70% ({pair}) | none to cut: sequential SFT's drop {100 * sequential:+.1f} | - |"
+            )
+            continue
+        cut = 1 - isolated / sequential
         lines.append(f"| forgetting cut >= 70% ({pair}) | cut {100 * cut:.0f}% | {'yes' if cut >= 0.7 else 'no'} |")
     if not lines:
         return []

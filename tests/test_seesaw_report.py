@@ -141,7 +141,8 @@ def _forgetting_items(a: str, before: dict[str, list[float]], after: dict[str, l
 
 def test_forgetting_gets_intervals_over_seeds_and_items_and_pools_only_when_asked():
     """Sequential SFT loses 30 of A's 200 items in every seed and CPI-FT 6: its drop is 12 points under, the cut
-    80%, both exact, and both intervals separate it; without per-item scores there is no interval."""
+    80%, both exact, and both intervals separate it; without per-item scores there is no interval; pairs pool only
+    with pairs at their core size p, and a pair whose sequential SFT forgot nothing has no cut."""
 
     def seed(s: int) -> dict:
         before = [1.0] * 100 + _items(0.5, 100, s)
@@ -163,7 +164,11 @@ def test_forgetting_gets_intervals_over_seeds_and_items_and_pools_only_when_aske
     assert not any(line.startswith("| pooled |") for line in lines)
 
     bare = [_forgetting("c", "d", {"multistage_given": 0.2, "cpi_ft": 0.04})]
-    lines, means = forgetting_section({"a>b": seeds, "c>d": bare}, pool=True)
+    larger_core = [_forgetting("c", "d", {"multistage_given": -0.01, "cpi_ft": 0.02})]  # pools with none
+    lines, means = forgetting_section({"a>b": seeds, "c>d": bare, "c>d (p = 0.05)": larger_core}, pool=True)
+    assert set(means) == {"a>b", "c>d", "c>d (p = 0.05)", "pooled"}
+    goals = "\n".join(seesaw.goals({"forgetting": means}))
+    assert "| forgetting cut >= 70% (c>d (p = 0.05)) | none to cut: sequential SFT's drop -1.0 | - |" in goals
     assert next(line for line in lines if line.startswith("| c>d |")).split("|")[5:8] == [" -16.0 ", " -16.0 ", " 80% "]
     pooled = next(line for line in lines if line.startswith("| pooled |"))
     assert "| 4 |" in pooled and "[" not in pooled and pooled.endswith("| 4 of 4 |")
