@@ -780,23 +780,23 @@ def goals(aggregate: dict) -> list[str]:
     ]
 
 
+def in_seed_order(seeds: dict[str, dict]) -> list[dict]:
+    """One configuration's results ({seed: results}) in seed order."""
+    return [seeds[k] for k in sorted(seeds, key=int)]
+
+
 def set_runs(sets: dict[str, dict], config: str) -> dict[str, list[dict]]:
     """Per task-set section ({section: entry}) that ran `config`, its results in seed order."""
-    return {
-        name: [entry["runs"][config][k] for k in sorted(entry["runs"][config], key=int)]
-        for name, entry in sets.items()
-        if config in entry["runs"]
-    }
+    return {name: in_seed_order(entry["runs"][config]) for name, entry in sets.items() if config in entry["runs"]}
 
 
 def set_forgetting(sets: dict[str, dict]) -> dict[str, list[dict]]:
     """The task sets' forgetting pairs ({"A>B (section)": results in seed order})."""
     return {
-        f"{config.split('/', 1)[1]} ({name})": seeds
+        f"{config.split('/', 1)[1]} ({name})": in_seed_order(seeds)
         for name, entry in sets.items()
-        for config in entry["runs"]
+        for config, seeds in entry["runs"].items()
         if config.startswith("forgetting/")
-        for seeds in set_runs({name: entry}, config).values()
     }
 
 
@@ -809,22 +809,21 @@ def plot_task_sets(sets: dict[str, dict], path: Path) -> Path | None:
     if len(matched) < 2:
         return None
     groups = {**dict(sorted(matched.items())), "pooled": [r for seeds in matched.values() for r in seeds]}
-    rows = [(name, row) for name, seeds in groups.items() for row in margin_rows(seeds) if row["baseline"] != "probe"]
-    order = list(dict.fromkeys(row["baseline"] for _, row in rows))  # a baseline's sets and pool together
-    margins = [
-        (f"{row['baseline']} · {name.rsplit('-', 1)[-1]} ({row['runs']})", row)
-        for name, row in sorted(rows, key=lambda r: order.index(r[1]["baseline"]))
+    scored = [(name, row) for name, seeds in groups.items() for row in margin_rows(seeds) if row["baseline"] != "probe"]
+    order = list(dict.fromkeys(row["baseline"] for _, row in scored))  # a baseline's sets and pool together
+    margins = [  # (label, (value, low, high)) per row, as the forgetting rows hold their difference
+        (f"{row['baseline']} · {name.rsplit('-', 1)[-1]} ({row['runs']})", (row["margin"], row["low"], row["high"]))
+        for name, row in sorted(scored, key=lambda r: order.index(r[1]["baseline"]))
     ]
     forgetting = [
-        (re.sub(r" \([^()]*-(set\d+)\)$", r" · \1", pair) + f" ({len(row['drops']['cpi_ft'])})", row)
+        (re.sub(r" \([^()]*-(set\d+)\)$", r" · \1", pair) + f" ({len(row['drops']['cpi_ft'])})", row["difference"])
         for pair, row in forgetting_rows(set_forgetting(sets), pool=True).items()
     ]
     panels = [(margins, "CPI-FT's margin (points)"), (forgetting, "CPI-FT's drop minus sequential SFT's (points)")]
     panels = [(rows, label) for rows, label in panels if rows]
     fig = Figure(figsize=(6.5 * len(panels), 0.32 * max(len(rows) for rows, _ in panels) + 1.4))
     for ax, (rows, label) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
-        for y, (_, row) in enumerate(reversed(rows)):
-            value, low, high = (row["margin"], row["low"], row["high"]) if "margin" in row else row["difference"]
+        for y, (_, (value, low, high)) in enumerate(reversed(rows)):
             ax.plot(100 * value, y, "o", color="black" if low is not None else "grey")
             if low is not None:
                 ax.hlines(y, 100 * low, 100 * high, color="black")
