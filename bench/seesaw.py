@@ -107,6 +107,9 @@ ABLATIONS = {
     # sparse probes (the variant that led at 48 items) without the staged baselines, to judge against `matched`'s:
     # at tau 0.1 one 40-step stage (160 steps in all), at tau 0.2 three (240, `matched`'s budget)
     "sparse_probes": {"probe": {"method": "sparse"}},
+    # rehearsal, past the paper: a quarter of each later stage's examples drawn from the earlier stages' tasks, at
+    # `matched`'s p and budget (a first-stage task loses most when later stages train without it)
+    "replay_p0.05": {"regions": {"p": 0.05}, "stages": {"replay": 0.25}},
     "sparse_probes_tau_0.2": {"probe": {"method": "sparse"}, "plan": {"tau": 0.2}},
 }
 # variants of `matched`'s CPI-FT, each judged against `matched`'s baselines on the seeds both ran, its optimizer
@@ -116,6 +119,7 @@ SAME_BUDGET = {
     "reselect_p0.05": "Cores found again between stages (its re-probes spend more than `matched`'s budget)",
     "sparse_probes": "Sparse probes, one stage (fewer steps than `matched`'s budget)",
     "sparse_probes_tau_0.2": "Sparse probes, staged (tau 0.2: `matched`'s budget)",
+    "replay_p0.05": "Earlier stages' tasks replayed (a quarter of each later stage's examples; `matched`'s budget)",
 }
 RENAMED = {"probe": "single_task (probe)"}  # method ids as the tables name them
 

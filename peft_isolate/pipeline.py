@@ -139,10 +139,22 @@ class Run:
     def global_batch(self) -> int:
         return self.recipe.training.batch_size * self.recipe.training.grad_accum
 
-    def examples(self, task_names: list[str], steps: int, fraction: float = 1.0) -> list[Example]:
-        """The uniform mixture of the named tasks (each sampled to `fraction`) for `steps` optimizer steps."""
-        chosen = [sample(self.tasks[n], fraction, self.recipe.training.seed) for n in task_names]
-        return mix(chosen, steps * self.global_batch, self.recipe.training.seed)
+    def examples(
+        self, task_names: list[str], steps: int, fraction: float = 1.0, replay: list[str] = (), share: float = 0.0
+    ) -> list[Example]:
+        """The uniform mixture of the named tasks (each sampled to `fraction`) for `steps` optimizer steps; with
+        `replay` tasks, a `share` of the examples is their uniform mixture instead (rehearsal of earlier stages)."""
+        seed, n = self.recipe.training.seed, steps * self.global_batch
+        replayed = round(share * n) if replay else 0
+
+        def mixture(names: list[str], count: int) -> list[Example]:
+            return mix([sample(self.tasks[t], fraction, seed) for t in names], count, seed)
+
+        if not replayed:
+            return mixture(task_names, n)
+        out = mixture(task_names, n - replayed) + mixture(list(replay), replayed)
+        random.Random(seed).shuffle(out)
+        return out
 
     def stage_steps(self, task_names: list[str]) -> int:
         """The stage budget for a group: `stages.steps`, or `stages.epochs` over its sampled data."""
@@ -528,7 +540,10 @@ def train_stages(
                 if job.locked is not None:
                     model.base_model.lock(job.locked)
                 model.base_model.add_trainable(job.trainable)
-            examples = run.examples(job.tasks, job.steps, r.stages.sample)
+            earlier = [t for j in jobs[:k] for t in j.tasks if t not in job.tasks]
+            examples = run.examples(
+                job.tasks, job.steps, r.stages.sample, list(dict.fromkeys(earlier)), r.stages.replay
+            )
             settings = run.settings(job.steps, r.stages.lr)
             done = train(model, tokenizer, examples, settings, f"{out}.work", frozen=frozen, key=key)
             card = {"method": name, "stage": f"{name}/{k} ({k + 1} of {len(jobs)})", "tasks": job.tasks}

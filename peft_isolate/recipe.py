@@ -160,6 +160,14 @@ class StageSpec(_Budget):
     reselect: bool = Field(
         False, description="find each later group's cores again with a probe started from the previous stage's model"
     )
+    replay: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="share of each stage's examples drawn from earlier stages' tasks (rehearsal; 0: the group's only)",
+    )
+
+    added: ClassVar[tuple[str, ...]] = ("replay",)
 
 
 # `TrainingArguments` fields the pipeline sets itself, and what sets each in a recipe

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 from peft import get_peft_model
 from tiny import tiny_llama
-from transformers import Trainer
+from transformers import AutoTokenizer, Trainer
 
 from peft_isolate import IsolationConfig, training
-from peft_isolate.data import Example
+from peft_isolate.data import Example, TaskData, mix
 from peft_isolate.pipeline import Run, run_pipeline
 from peft_isolate.recipe import Recipe, load_recipe
 from peft_isolate.training import TrainSettings, train
@@ -136,6 +138,7 @@ def test_training_section_hash_is_unchanged_without_args_and_covers_them():
         ("training.args.lr_scheduler_type=cosin", "cosin is not a valid SchedulerType"),
         ("training.batchsize=4", "training.batchsize: unknown key (did you mean batch_size?)"),
         ("stages.step=4", "stages.step: unknown key (did you mean steps?)"),
+        ("stages.replay=1", "stages.replay: Input should be less than 1"),  # a stage keeps some of its own data
         ("tasks.upper.sorce=x", "tasks.upper.sorce: unknown key (did you mean source?)"),
     ],
 )
@@ -156,3 +159,42 @@ def test_console_names_a_step_by_its_folder(recipe_file, tmp_path, capsys):
         capsys.readouterr().out
         == f"[peft-isolate] stages/0: {artifact} is missing; redoing it\n[peft-isolate] stages/0\n"
     )
+
+
+def _items(task: str, n: int) -> list[Example]:
+    return [Example(({"role": "user", "content": f"{task} {i}"},), task) for i in range(n)]
+
+
+def test_stage_replay_draws_its_share_from_earlier_tasks(recipe_file, tmp_path):
+    """stages.replay: a stage's examples keep their count, `share` of them the earlier tasks' mixture (rounded);
+    without earlier tasks or at share 0 they are exactly the plain mixture."""
+    run = Run(load_recipe(recipe_file, [f"output_dir={tmp_path / 'out'}"]), {}, {})
+    run.tasks.update({t: TaskData(t, _items(t, 12), [], lambda *_: 0.0) for t in ("a", "b", "c")})
+    n = 5 * run.global_batch  # 5 steps of the fixture's batch of 4
+    replayed = run.examples(["c"], 5, 1.0, ["a", "b"], 0.3)
+    counts = Counter(e.answer for e in replayed)
+    assert len(replayed) == n and counts["c"] == n - round(0.3 * n) and counts["a"] + counts["b"] == round(0.3 * n)
+    assert abs(counts["a"] - counts["b"]) <= 1  # the replayed share is itself a uniform mixture
+    plain = run.examples(["c"], 5)
+    assert plain == mix([run.tasks["c"]], n, run.recipe.training.seed)
+    assert run.examples(["c"], 5, 1.0, [], 0.3) == plain == run.examples(["c"], 5, 1.0, ["a"], 0.0)
+
+
+def test_replay_reaches_later_stages_only_and_keys_only_when_set(recipe_file, trainers):
+    """A pipeline with stages.replay: stage 0 trains on its group alone, stage 1 on its group plus the share of
+    stage 0's task; the stages' hash is unchanged at the default, so runs from before the field keep their steps."""
+    recipe = load_recipe(recipe_file, ["stages.replay=0.5", "baselines=[]"])
+    run_pipeline(recipe, until="train-stage")
+    stages = json.loads((Path(recipe.output_dir) / "plan.json").read_text())["stages"]
+    staged = trainers[-2:]  # the two probes' Trainers, then the two stages'
+    tokenizer = AutoTokenizer.from_pretrained(recipe.model)
+    words = {"upper": "upper", "count": "count a in"}
+    for k, trainer in enumerate(staged):
+        prompts = tokenizer.batch_decode([row["input_ids"] for row in trainer.train_dataset])
+        seen = {t for t, w in words.items() if any(w in p for p in prompts)}
+        assert seen == ({stages[0]["tasks"][0]} if k == 0 else set(words)), k
+        if k:
+            share = sum(words[stages[0]["tasks"][0]] in p for p in prompts) / len(prompts)
+            assert share == pytest.approx(0.5, abs=1 / len(prompts))
+    assert "replay" not in load_recipe(recipe_file).stages.hashed()  # the default: keys as before the field
+    assert recipe.section_hash("stages") != load_recipe(recipe_file).section_hash("stages")
