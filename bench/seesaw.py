@@ -919,6 +919,46 @@ def stage_position_section(sections: dict[str, dict]) -> list[str]:
     return lines
 
 
+def overlap_chance_section(sections: dict[str, dict]) -> list[str]:
+    """Per `matched` run of one model ({section: entry}) that kept its plan: the pair of tasks whose cores overlap
+    most, that Jaccard against the chance level of random cores of the same sizes, and whether the plan linked any
+    tasks into one stage: how far the grouping step is from acting at these core sizes."""
+    rows, ratios, linked, read = [], [], 0, {}
+    for name, entry in sections.items():
+        for config, seeds in entry["runs"].items():
+            if config.split("-")[0] != "matched":
+                continue
+            for seed, r in sorted(seeds.items(), key=lambda kv: int(kv[0])):
+                plan = r.get("plan")
+                if not plan or len(plan.get("tasks", [])) < 2 or "chance" not in plan:
+                    continue
+                tasks, jac, chance = plan["tasks"], plan["jaccard"], plan["chance"]
+                pairs = [(jac[i][j] / chance[i][j], i, j) for i, j in itertools.combinations(range(len(tasks)), 2)]
+                ratio, i, j = max(pairs)
+                grouped = any(len(stage["tasks"]) > 1 for stage in plan["stages"])
+                ratios.append(ratio)
+                linked += grouped
+                read[name] = None
+                rows.append(
+                    f"| {name} | {p_label(config)} | {seed} | {tasks[i]}, {tasks[j]} | {jac[i][j]:.4f} "
+                    f"| {chance[i][j]:.4f} | {ratio:.2f} | {'yes' if grouped else 'no'} |"
+                )
+    if not rows:
+        return []
+    return [
+        "",
+        f"## Core overlap against chance ({', '.join(read)})",
+        "",
+        f"Per `matched` run, the two tasks whose cores overlap most (Jaccard) beside the overlap random cores of the "
+        f"same sizes reach by chance. Over {len(rows)} runs the highest overlap is {min(ratios):.2f}-"
+        f"{max(ratios):.2f}x chance; {linked} of {len(rows)} plans linked two tasks into one stage.",
+        "",
+        "| section | p | seed | most overlapping cores | Jaccard | chance | x chance | any stage of two tasks |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
 def task_set_groups(sections: dict[str, dict]) -> dict[str, dict[str, dict]]:
     """The task-set sections ({section: entry}) that pool together: the same size, item count and model."""
     groups: dict[str, dict[str, dict]] = {}
@@ -942,7 +982,7 @@ def write_results(saved: dict) -> None:
     for name, entry in saved["sizes"].items():
         models.setdefault(entry.get("model", DEFAULT_MODEL), {})[name] = entry
     for entries in models.values():
-        lines += [*stage_position_section(entries), ""]
+        lines += [*stage_position_section(entries), *overlap_chance_section(entries), ""]
     save_json(saved, RESULTS / "seesaw.json")
     text = "\n".join(lines)
     write_atomic(RESULTS / "seesaw.md", lambda p: p.write_text(text))

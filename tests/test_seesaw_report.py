@@ -550,3 +550,27 @@ def test_report_writes_the_tables_again_from_the_saved_results_and_trains_nothin
     text = (tmp_path / "results" / "seesaw.md").read_text()
     assert "## Size small-eval200" in text and "## CPI-FT by stage position (small-eval200)" in text
     assert "aggregate" in json.loads((tmp_path / "results" / "seesaw.json").read_text())["sizes"]["small-eval200"]
+
+
+def test_overlap_against_chance_names_each_runs_most_overlapping_pair_and_whether_it_linked():
+    """The pair with the largest Jaccard / chance ratio (not the largest Jaccard: chance differs with core sizes),
+    and a plan that put two tasks in one stage counted as linked; runs without a kept plan are left out."""
+    plan = {
+        "tasks": ["a", "b", "c"],
+        "jaccard": [[1, 0.03, 0.05], [0.03, 1, 0.04], [0.05, 0.04, 1]],
+        "chance": [[1, 0.01, 0.05], [0.01, 1, 0.02], [0.05, 0.02, 1]],
+        "stages": [{"tasks": ["a"]}, {"tasks": ["b"]}, {"tasks": ["c"]}],
+    }
+    joined = {**plan, "stages": [{"tasks": ["a", "b"]}, {"tasks": ["c"]}]}
+    sections = {
+        "small-eval200": {"runs": {"matched": {"1": {"plan": joined}, "0": {"plan": plan}}, "main": {"0": {}}}},
+        "small-eval200-set2": {"runs": {"matched-p0.01": {"0": {"methods": {}}}}},
+    }
+    lines = seesaw.overlap_chance_section(sections)
+    assert lines[1] == "## Core overlap against chance (small-eval200)"  # the sections with such a run
+    assert "Over 2 runs the highest overlap is 3.00-3.00x chance; 1 of 2 plans linked" in lines[3]
+    assert lines[-2:] == [
+        "| small-eval200 | 0.05 | 0 | a, b | 0.0300 | 0.0100 | 3.00 | no |",
+        "| small-eval200 | 0.05 | 1 | a, b | 0.0300 | 0.0100 | 3.00 | yes |",
+    ]
+    assert seesaw.overlap_chance_section({"x": sections["small-eval200-set2"]}) == []
