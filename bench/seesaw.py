@@ -867,6 +867,31 @@ def pooled_section(sets: dict[str, dict]) -> list[str]:
     return lines + goals(aggregate)
 
 
+def variant_pooled_section(sections: dict[str, dict], variant: str, control: str = "element_p0.05") -> list[str]:
+    """The CPI-FT of ablation `variant` pooled over every section (task set, model) and seed that ran it beside
+    `control` (the same probes without the change) and `matched` (the baselines): its margin over each with a 95%
+    interval over those runs and their items, and a sign count."""
+    combined, read = [], []
+    for name, entry in sections.items():
+        runs = entry["runs"]
+        ran, ref, matched = (runs.get(c, {}) for c in (f"ablation/{variant}", f"ablation/{control}", "matched"))
+        for seed in sorted(set(ran) & set(ref) & set(matched), key=int):
+            baselines = {m: r for m, r in matched[seed]["methods"].items() if m != "cpi_ft"}
+            cpi = {"cpi_ft": ran[seed]["methods"]["cpi_ft"], f"cpi_ft ({control})": ref[seed]["methods"]["cpi_ft"]}
+            combined.append({"methods": cpi | baselines})
+            read.append(f"{name} seed {seed}")
+    if len(combined) < 2:
+        return []
+    title = f"## `{variant}` pooled over {len(combined)} runs ({', '.join(read)})"
+    return [
+        "",
+        title,
+        "",
+        f"{SAME_BUDGET[variant]}; `{control}`: the same probes without it.",
+        *margins_section(combined),
+    ]
+
+
 def stage_position_section(sections: dict[str, dict]) -> list[str]:
     """CPI-FT's score minus its single-task probe's, per task, by the stage that trained it (first, middle, last), over
     every `matched` run of one model ({section: entry}) whose kept plan gives each task a stage of its own; beside
@@ -978,6 +1003,7 @@ def write_results(saved: dict) -> None:
     for group, entries in sorted(task_set_groups(saved["sizes"]).items()):
         lines += [*pooled_section(entries), ""]
         plot_task_sets(entries, RESULTS / f"seesaw_sets_{group.replace('@', '_')}.png")
+    lines += [*variant_pooled_section(saved["sizes"], "replay_p0.05"), ""]  # tried on several sets and models
     models: dict[str, dict[str, dict]] = {}
     for name, entry in saved["sizes"].items():
         models.setdefault(entry.get("model", DEFAULT_MODEL), {})[name] = entry

@@ -574,3 +574,36 @@ def test_overlap_against_chance_names_each_runs_most_overlapping_pair_and_whethe
         "| small-eval200 | 0.05 | 1 | a, b | 0.0300 | 0.0100 | 3.00 | yes |",
     ]
     assert seesaw.overlap_chance_section({"x": sections["small-eval200-set2"]}) == []
+
+
+def test_a_variant_pools_over_sections_with_its_control_and_the_matched_baselines():
+    """replay_p0.05 against element_p0.05 (same probes) and `matched`'s baselines, over the seeds of every section
+    that ran all three; `matched`'s own CPI-FT is left out (the control stands for it), a seed missing one is too."""
+
+    def scored(value: float) -> dict:
+        items = {"a": [value] * 4, "b": [value] * 4}
+        return {"tasks": {"a": value, "b": value}, "avg": value, "items": items}
+
+    def ran(value: float) -> dict:
+        return {"methods": {"cpi_ft": scored(value)}}
+
+    matched = {"methods": {"cpi_ft": scored(0.9), "multitask_matched": scored(0.3)}}
+    sections = {
+        "small-eval200-set2": {
+            "runs": {
+                "ablation/replay_p0.05": {"1": ran(0.5), "0": ran(0.4)},
+                "ablation/element_p0.05": {"1": ran(0.2), "0": ran(0.4)},
+                "matched": {"1": matched, "0": matched},
+            }
+        },
+        "small-eval200@gemma3-270m": {
+            "runs": {"ablation/replay_p0.05": {"0": ran(0.6), "1": ran(0.6)}, "ablation/element_p0.05": {"0": ran(0.1)}}
+        },
+    }
+    lines = seesaw.variant_pooled_section(sections, "replay_p0.05")
+    assert lines[1] == "## `replay_p0.05` pooled over 2 runs (small-eval200-set2 seed 0, small-eval200-set2 seed 1)"
+    rows = {line.split(" | ")[0]: line for line in lines if line.startswith("| ") and "margin" not in line}
+    assert set(rows) == {"| cpi_ft (element_p0.05)", "| multitask_matched"}
+    assert rows["| cpi_ft (element_p0.05)"].startswith("| cpi_ft (element_p0.05) | +15.0 | +0.0, +30.0 |")
+    assert rows["| multitask_matched"].startswith("| multitask_matched | +15.0 | +10.0, +20.0 | [+10.0, +20.0] | yes")
+    assert seesaw.variant_pooled_section({"x": sections["small-eval200@gemma3-270m"]}, "replay_p0.05") == []
