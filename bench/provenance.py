@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from importlib.metadata import version
 
 import torch
 
@@ -15,3 +16,8 @@ def commit() -> str:
 def device() -> str:
     """The GPU's name, or the CPU machine's."""
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (2 cores)"
+
+
+def versions() -> str:
+    """The versions of the libraries a run's numbers depend on (floating-point results move between releases)."""
+    return ", ".join(f"{name} {version(name)}" for name in ("torch", "transformers", "peft", "trl", "bitsandbytes"))

@@ -403,6 +403,7 @@ def report(name: str, entry: dict) -> tuple[list[str], dict]:
         f"tasks {entry.get('tasks', TASKS[: entry['size']['tasks']])}, device "
         f"{entry['device']}, {entry['date']}"
         + (f", commit {entry['commit']}" if "commit" in entry else "")
+        + (f", {entry['versions']}" if "versions" in entry else "")
         + ". Seeds per configuration: "
         + ", ".join(f"{config} {seeds}" for config, seeds in seeds_of.items())
         + ". Scores in points (generator's scorer x 100; exact match in brackets), mean ± std over seeds.",
@@ -1093,6 +1094,7 @@ def main() -> None:
                 "device": provenance.device(),
                 "date": time.strftime("%Y-%m-%d"),
                 "commit": commit,
+                "versions": provenance.versions(),
             }
 
     save(runs(args, size, tasks, work_root(name), finished=save))

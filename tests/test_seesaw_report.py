@@ -3,6 +3,7 @@ the task sets bench/screen.py draws, and their pooled report."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import random
 import re
@@ -485,8 +486,9 @@ def test_an_invocation_stopped_in_its_second_run_keeps_its_first(tmp_path, monke
     assert "## " in (tmp_path / "results" / "seesaw.md").read_text()
 
 
-def test_results_name_the_commit_the_invocation_started_from(tmp_path, monkeypatch):
-    """A long invocation saves after each run; a commit made meanwhile is not the code that ran."""
+def test_results_name_the_commit_the_invocation_started_from_and_the_library_versions(tmp_path, monkeypatch):
+    """A long invocation saves after each run; a commit made meanwhile is not the code that ran. The versions of
+    torch, transformers, peft and trl go beside it: floating-point results move between their releases."""
     monkeypatch.setattr(seesaw, "RESULTS", tmp_path / "results")
     monkeypatch.setattr(seesaw, "WORK", tmp_path / "work")
     (tmp_path / "results").mkdir()
@@ -497,6 +499,9 @@ def test_results_name_the_commit_the_invocation_started_from(tmp_path, monkeypat
     seesaw.main()
     saved = json.loads((tmp_path / "results" / "seesaw.json").read_text())
     assert saved["sizes"]["small"]["commit"] == "started"
+    assert saved["sizes"]["small"]["versions"] == seesaw.provenance.versions()
+    assert f"transformers {importlib.metadata.version('transformers')}" in saved["sizes"]["small"]["versions"]
+    assert f"commit started, {seesaw.provenance.versions()}." in (tmp_path / "results" / "seesaw.md").read_text()
 
 
 def _staged(order: list[str], scores: dict[str, dict[str, float]]) -> dict:
