@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 from importlib.metadata import version
+from pathlib import Path
 
 import torch
 
@@ -15,7 +18,19 @@ def commit() -> str:
 
 def device() -> str:
     """The GPU's name, or the CPU machine's."""
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (2 cores)"
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    model = cpu_model()
+    return f"CPU ({os.cpu_count()} cores, {model})" if model else f"CPU ({os.cpu_count()} cores)"
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (empty where there is none): kernels, so rounding, differ by CPU."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return ""
 
 
 def versions() -> str:
