@@ -1080,6 +1080,7 @@ def main() -> None:
         tasks, new_tokens = drawn_set(args.task_set)
         size = {**size, "new_tokens": new_tokens}
     start, commit = time.time(), provenance.commit()  # the code that runs, whatever is committed meanwhile
+    device, versions = provenance.device(), provenance.versions()
 
     def save(out: dict) -> None:
         """The runs finished so far merged into seesaw.json and its tables: a stopped invocation keeps them."""
@@ -1091,10 +1092,10 @@ def main() -> None:
                 "runs": merged(saved, name, size, out),
                 "command": f"python bench/seesaw.py {' '.join(sys.argv[1:])}",
                 "minutes": (time.time() - start) / 60,
-                "device": provenance.device(),
+                "device": device,
                 "date": time.strftime("%Y-%m-%d"),
                 "commit": commit,
-                "versions": provenance.versions(),
+                "versions": versions,
             }
 
     save(runs(args, size, tasks, work_root(name), finished=save))
