@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -34,5 +34,13 @@ def cpu_model() -> str:
 
 
 def versions() -> str:
-    """The versions of the libraries a run's numbers depend on (floating-point results move between releases)."""
-    return ", ".join(f"{name} {version(name)}" for name in ("torch", "transformers", "peft", "trl", "bitsandbytes"))
+    """The versions of the libraries a run's numbers depend on (floating-point results move between releases); a
+    GPU machine may lack some, which is said rather than raised."""
+    return ", ".join(f"{name} {_version(name)}" for name in ("torch", "transformers", "peft", "trl", "bitsandbytes"))
+
+
+def _version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"

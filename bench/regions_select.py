@@ -28,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 
+import provenance
 import torch
 
 from peft_isolate._io import TensorReader, save_json, save_tensors, write_atomic
@@ -232,7 +233,7 @@ def main() -> None:
         f"Command: `.venv/bin/python bench/regions_select.py --params {args.params:g} --p {args.p:g} "
         f"--repeat {args.repeat}`  ",
         f"Machine: {os.cpu_count()} CPU cores, {ram / 2**30:.0f} GiB RAM, "
-        f"{platform.platform()}, torch {torch.__version__}, no GPU.  ",
+        f"{platform.platform()}, {provenance.versions()}, no GPU.  ",
         f"Model: Llama-shaped, {total:,} bf16 parameters per checkpoint ({len(shapes)} tensors, "
         f"{2 * total / 2**30:.2f} GiB each, ~1 GiB shards), tuned = base + N(0, 1e-3); largest tensor "
         f"{largest / mib:.0f} MiB. p = {args.p:g}, global scope: exactly {cores.size:,} entries selected. "

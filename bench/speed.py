@@ -297,7 +297,7 @@ def write_table(rows: list[dict], failed: list[str], args) -> str:
     lines = [
         f"Model: {args.shape} ({args.quant}), batch {args.batch}, {args.steps} timed steps after 1 warm-up, "
         f"median of {args.repeats} interleaved run(s) per method, "
-        f"device: {device}, torch {torch.__version__}, date {time.strftime('%Y-%m-%d')}, commit {provenance.commit()}.",
+        f"device: {device}, {provenance.versions()}, date {time.strftime('%Y-%m-%d')}, commit {provenance.commit()}.",
         "Command: `python bench/speed.py " + " ".join(sys.argv[1:]) + "`",
         "",
         "| seq | labels | density | method | trainable | step (s) | x QLoRA | x floor | x all labels | peak mem (MiB) "

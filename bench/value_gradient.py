@@ -21,6 +21,7 @@ import statistics
 import time
 from pathlib import Path
 
+import provenance
 import torch
 import triton
 import triton.language as tl
@@ -107,7 +108,7 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device("cuda")
     lines = [
-        f"Device: {torch.cuda.get_device_name()}, torch {torch.__version__}, date {time.strftime('%Y-%m-%d')}; "
+        f"Device: {provenance.device()}, {provenance.versions()}, date {time.strftime('%Y-%m-%d')}; "
         f"bf16 activations, median of {args.repeats} timings.",
         "Command: `python bench/value_gradient.py --tokens "
         + " ".join(map(str, args.tokens))

@@ -504,6 +504,20 @@ def test_results_name_the_commit_the_invocation_started_from_and_the_library_ver
     assert f"commit started, {seesaw.provenance.versions()}." in (tmp_path / "results" / "seesaw.md").read_text()
 
 
+def test_versions_say_a_missing_library_rather_than_raise(monkeypatch):
+    """The GPU machine has torch, transformers and peft but may lack trl: its tables still get written."""
+    real = seesaw.provenance.version
+
+    def version(name: str) -> str:
+        if name == "trl":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(seesaw.provenance, "version", version)
+    assert "trl not installed" in seesaw.provenance.versions()
+    assert f"peft {importlib.metadata.version('peft')}" in seesaw.provenance.versions()
+
+
 def _staged(order: list[str], scores: dict[str, dict[str, float]]) -> dict:
     """A `matched` result whose kept plan trains the tasks of `order` one a stage, with the given task scores."""
     methods = {m: {"tasks": tasks, "avg": statistics.mean(tasks.values())} for m, tasks in scores.items()}
