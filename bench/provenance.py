@@ -34,12 +34,14 @@ def cpu_model() -> str:
 
 
 def versions() -> str:
-    """The versions of the libraries a run's numbers depend on (floating-point results move between releases); a
-    GPU machine may lack some, which is said rather than raised."""
-    return ", ".join(f"{name} {_version(name)}" for name in ("torch", "transformers", "peft", "trl", "bitsandbytes"))
+    """The versions of the libraries a run's numbers depend on (floating-point results move between releases)."""
+    return ", ".join(
+        f"{name} {installed_version(name)}" for name in ("torch", "transformers", "peft", "trl", "bitsandbytes")
+    )
 
 
-def _version(name: str) -> str:
+def installed_version(name: str) -> str:
+    """A distribution's version, or "not installed": a GPU machine may lack some, which is said rather than raised."""
     try:
         return version(name)
     except PackageNotFoundError:

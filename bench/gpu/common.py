@@ -8,7 +8,6 @@ what it measured. run.sh gives each part its deadline.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import platform
@@ -23,6 +22,8 @@ REPO = HERE.parent.parent
 for path in (REPO / "bench", REPO / "tests", REPO):  # seesaw.py and speed.py; tests/tiny.py for the dry run
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
+
+import provenance  # noqa: E402  (bench/, on the path above)
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "peft-isolate")
 
@@ -39,24 +40,11 @@ TINY_LLAMA = dict(
 )
 
 
-def version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "missing"
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"CPU ({os.cpu_count()} cores)"
-
-
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    out |= {name: version(name) for name in PACKAGES}
+    out |= {name: provenance.installed_version(name) for name in PACKAGES}
     out["cuda"] = torch.version.cuda or "none"
-    out["device"] = device_name()
+    out["device"] = provenance.device()
     return out
 
 
