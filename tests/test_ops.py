@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peft_isolate.tuner._ops import DeltaPattern, dense_delta, merged_delta_linear, sparse_delta_linear
+from peft_isolate.tuner.ops import DeltaPattern, dense_delta, merged_delta_linear, sparse_delta_linear
 
 
 def _support(numel: int, k: int, gen: torch.Generator) -> torch.Tensor:
