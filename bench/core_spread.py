@@ -12,7 +12,7 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-from peft_isolate._io import write_atomic
+from peft_isolate.files import write_atomic
 from peft_isolate.regions import CoreRegions
 
 

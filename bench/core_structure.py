@@ -19,7 +19,7 @@ from pathlib import Path
 import provenance
 import torch
 
-from peft_isolate._io import save_json, write_atomic
+from peft_isolate.files import save_json, write_atomic
 from peft_isolate.plan import chance_matrix, overlap_matrix
 from peft_isolate.recipe import Recipe
 from peft_isolate.selection import AUTO_GRID, choose_p, find_core_regions, mass_curve

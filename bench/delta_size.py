@@ -22,8 +22,8 @@ import torch
 from peft import get_peft_model
 
 from peft_isolate import CoreRegions, IsolationConfig
-from peft_isolate._io import write_atomic
 from peft_isolate.export import SparseDelta, export_delta
+from peft_isolate.files import write_atomic
 from peft_isolate.models import load_model, resolve_model
 
 RESULTS = Path(__file__).parent / "results"

@@ -21,9 +21,9 @@ from peft import LoraConfig, get_peft_model
 from seesaw import TASKS
 
 from peft_isolate import IsolationConfig
-from peft_isolate._io import write_atomic
 from peft_isolate.data import load_task, prompt_text
 from peft_isolate.evaluate import generate, merged_for_generation
+from peft_isolate.files import write_atomic
 from peft_isolate.models import load_model
 
 RESULTS = Path(__file__).parent / "results"

@@ -31,7 +31,7 @@ from pathlib import Path
 import provenance
 import torch
 
-from peft_isolate._io import TensorReader, save_json, save_tensors, write_atomic
+from peft_isolate.files import TensorReader, save_json, save_tensors, write_atomic
 from peft_isolate.plan import jaccard, overlap_matrix
 from peft_isolate.regions import CoreRegions
 from peft_isolate.selection import find_core_regions

@@ -39,7 +39,7 @@ from pathlib import Path
 import provenance
 from seesaw import SCREENED, SIZES, TASKS, WORK, recipe
 
-from peft_isolate._io import load_json, save_json, write_atomic
+from peft_isolate.files import load_json, save_json, write_atomic
 from peft_isolate.recipe import Recipe
 
 RESULTS = Path(__file__).parent / "results"

@@ -45,8 +45,8 @@ import provenance
 import torch
 from matplotlib.figure import Figure
 
-from peft_isolate._io import load_json, save_json, write_atomic
 from peft_isolate.evaluate import plot_scores
+from peft_isolate.files import load_json, save_json, write_atomic
 from peft_isolate.pipeline import run_pipeline
 from peft_isolate.recipe import Recipe, RegionSpec
 

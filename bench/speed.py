@@ -39,7 +39,7 @@ import torch
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("none", "qlora", "shira", "isolation", "isolation_csr", "isolation_dense_grad")
-# structured supports (whole rows, columns or blocks of each weight; the fast path of tuner/_ops.py's GradientCover)
+# structured supports (whole rows, columns or blocks of each weight; the fast path of tuner/ops.py's GradientCover)
 STRUCTURED = {
     "isolation_row": {"granularity": "row"},
     "isolation_column": {"granularity": "column"},
@@ -130,7 +130,7 @@ def _use_csr_product() -> None:
 def _use_dense_value_gradient() -> None:
     """The "before" of the value gradient: the full out x in weight gradient G^T X, then its entries at the
     support, instead of the sampled product (SDDMM) over the support only. Benchmark-only."""
-    from peft_isolate.tuner._ops import DeltaPattern
+    from peft_isolate.tuner.ops import DeltaPattern
 
     def dense_value_gradient(self, g2d, x2d, dtype):
         return (g2d.T @ x2d.to(g2d.dtype)).flatten()[self.indices.long()].to(dtype)

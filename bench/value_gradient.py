@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from peft_isolate.tuner._ops import DeltaPattern
+from peft_isolate.tuner.ops import DeltaPattern
 
 RESULTS = Path(__file__).parent / "results"
 SHAPES = [(2048, 2048), (5632, 2048), (2048, 5632)]  # q/o, gate/up, down projections of the 1b shape

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ._io import load_json, load_tensors, write_atomic
+from .files import load_json, load_tensors, write_atomic
 
 BEGIN, END = "<!-- peft-isolate card -->", "<!-- end of peft-isolate card -->"
 

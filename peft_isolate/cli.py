@@ -97,7 +97,7 @@ def seed(text: str) -> int:
 
 def output_file(text: str) -> Path:
     """An argparse type: a file to write, which must not be a symbolic link or a folder."""
-    from ._io import check_new_output
+    from .files import check_new_output
 
     try:
         return check_new_output(text, directory=False)
@@ -107,7 +107,7 @@ def output_file(text: str) -> Path:
 
 def output_dir(text: str) -> Path:
     """An argparse type: a folder to create, which must not exist or be empty, and not be a symbolic link."""
-    from ._io import check_new_output
+    from .files import check_new_output
 
     try:
         return check_new_output(text, directory=True)
@@ -312,8 +312,8 @@ def export(args: argparse.Namespace) -> None:
 def apply(args: argparse.Namespace) -> None:
     from transformers import AutoConfig
 
-    from ._io import atomic_dir
     from .export import apply_delta
+    from .files import atomic_dir
     from .models import load_model, resolve_model
 
     # unquantized, keep the checkpoint's own dtype: the one `export --base` fingerprints, and the one to save back

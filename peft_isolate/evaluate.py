@@ -20,8 +20,8 @@ from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from peft_isolate._io import save_json, write_atomic
 from peft_isolate.data import TaskData, exact_match, prompt_text
+from peft_isolate.files import save_json, write_atomic
 
 Scores = dict[str, dict[str, float]]  # task -> {"score": x, "exact": y}
 

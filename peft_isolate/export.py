@@ -34,7 +34,7 @@ from peft.utils import merge_utils
 from peft.utils.integrations import get_bnb_param_type
 from torch import nn
 
-from ._io import TensorReader, atomic_dir, check_new_output, load_json, load_tensors, save_tensors
+from .files import TensorReader, atomic_dir, check_new_output, load_json, load_tensors, save_tensors
 from .models import ALIASES, resolve_model
 from .regions import as_index_set
 from .sources import Checkpoint, IsolationDelta, read_adapter_config

@@ -26,9 +26,9 @@ from typing import Any
 import yaml
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from ._io import write_atomic
 from .data import Example, TaskData, exact_match, load_task, prompt_text
 from .evaluate import extract_answer
+from .files import write_atomic
 from .models import FALLBACK_CHAT_TEMPLATE, resolve_model
 from .recipe import RG_PREFIX, Recipe, load_recipe
 

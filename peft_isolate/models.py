@@ -18,7 +18,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from ._io import atomic_dir, atomic_path
+from .files import atomic_dir, atomic_path
 
 logger = logging.getLogger(__name__)
 

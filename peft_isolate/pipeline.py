@@ -27,10 +27,10 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 
 from . import rundir
-from ._io import artifact_damage, atomic_dir, load_json, load_tensors, save_json, save_pretrained_atomic, save_tensors
 from .card import write_card
 from .data import RG_PREFIX, Example, TaskData, load_task, mix, sample
 from .evaluate import evaluate, majority_baseline, merged_for_generation, method_entry, write_results
+from .files import artifact_damage, atomic_dir, load_json, load_tensors, save_json, save_pretrained_atomic, save_tensors
 from .fusion import fuse_deltas
 from .models import load_model, resolve_model
 from .plan import StagePlan, draw_overlap, format_plan, plan_stages

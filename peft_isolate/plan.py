@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ._io import atomic_path, load_json, save_json
+from .files import atomic_path, load_json, save_json
 from .regions import CoreRegions, intersection_size, unit_count
 
 ORDERS = ("random", "size", "union")

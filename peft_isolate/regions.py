@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._io import load_tensors, save_tensors
+from .files import load_tensors, save_tensors
 
 FORMAT = "peft-isolate/core-regions"
 PEFT_PREFIX = "base_model.model."

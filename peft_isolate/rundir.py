@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ._io import load_json, remove_stale_temporaries, save_json
+from .files import load_json, remove_stale_temporaries, save_json
 
 STATE = "state.json"
 ARTIFACTS = "artifacts.json"

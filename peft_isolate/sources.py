@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from ._io import TensorReader, load_json, load_tensors
+from .files import TensorReader, load_json, load_tensors
 from .regions import canonical_order, strip_peft_prefix
 
 DEFAULT_CHUNK = 1 << 20

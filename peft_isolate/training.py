@@ -28,8 +28,8 @@ from torch.distributed.tensor import DTensor, Shard
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import TrainOutput
 
-from ._io import load_json, save_json
 from .data import Example, SFTCollator, tokenize_sft
+from .files import load_json, save_json
 
 COMPLETE = "complete.json"
 

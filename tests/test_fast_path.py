@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from peft_isolate.regions import unit_entries
-from peft_isolate.tuner._ops import DeltaPattern, dense_delta, merged_delta_linear, sparse_delta_linear
+from peft_isolate.tuner.ops import DeltaPattern, dense_delta, merged_delta_linear, sparse_delta_linear
 
 # (shape, granularity, block, units): 128 x 96 divides every block side; 100 x 70 leaves cut edge blocks
 CASES = [

@@ -33,7 +33,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file
 
 from peft_isolate import pipeline, training
-from peft_isolate._io import save_pretrained_atomic
+from peft_isolate.files import save_pretrained_atomic
 from peft_isolate.pipeline import run_pipeline
 from peft_isolate.recipe import load_recipe
 from peft_isolate.training import COMPLETE
@@ -474,7 +474,7 @@ def test_truncated_artifact_is_redone_or_named(victim, reference, tmp_path):
 def test_atomic_writes_follow_the_umask_and_replace_folders_whole(tmp_path):
     """Artifacts are readable as the umask allows (not mkstemp's private 0600), and a replaced folder leaves
     neither its old contents nor temp folders behind."""
-    from peft_isolate._io import atomic_dir, save_json
+    from peft_isolate.files import atomic_dir, save_json
 
     save_json({"a": 1}, tmp_path / "x.json")
     for text in ("old", "new"):
@@ -491,7 +491,7 @@ def test_a_write_leaves_the_temporaries_of_writes_in_progress_and_restores_a_kil
     """Two writers of one path (two processes converting one model): the second's cleanup of killed writes leaves
     the first's temporary and its file, which then find the path taken; a `.<name>.old` folder whose `<name>` is
     gone (killed between a replace's renames) is the last whole copy and is put back, not removed."""
-    from peft_isolate._io import atomic_dir, atomic_path, remove_stale_temporaries
+    from peft_isolate.files import atomic_dir, atomic_path, remove_stale_temporaries
 
     target = tmp_path / "model"
     with pytest.raises(FileExistsError, match="exists and is not empty"), atomic_dir(target, replace=False) as first:

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
 import seesaw  # noqa: E402
 from seesaw import bootstrap_margin, forgetting_section, margins_section, pooled_section  # noqa: E402
 
-from peft_isolate._io import save_json  # noqa: E402
+from peft_isolate.files import save_json  # noqa: E402
 from peft_isolate.pipeline import load_run, probe_key  # noqa: E402
 
 

@@ -8,7 +8,7 @@ from typing import Literal
 
 from peft.config import PeftConfig
 
-from .._io import open_tensors
+from ..files import open_tensors
 from ..regions import BLOCK_SIZES, GRANULARITIES
 from ._peft_type import ensure_peft_type
 

@@ -13,8 +13,8 @@ from peft.utils.integrations import dequantize_bnb_weight, get_bnb_param_type
 from torch import nn
 
 from ..regions import check_index_set, core_count, unit_count, unit_entries, unit_of, unit_sizes
-from ._ops import DeltaPattern, dense_delta, merged_delta_linear, sparse_delta_linear
 from .config import IsolationConfig
+from .ops import DeltaPattern, dense_delta, merged_delta_linear, sparse_delta_linear
 
 
 def _generator(config: IsolationConfig, module_name: str) -> torch.Generator:
