@@ -753,9 +753,11 @@ def goals(aggregate: dict) -> list[str]:
     cpi = methods.get("cpi_ft")
     if cpi and "multitask" in methods:
         rows.append(("CPI-FT average >= multi-task average", cpi["avg"] - methods["multitask"]["avg"]))
-    staged = [methods[m]["avg"] for m in ("multistage_random", "multistage_given") if m in methods]
-    if cpi and staged:
-        rows.append(("CPI-FT average >= best multi-stage average + 5", cpi["avg"] - max(staged) - 0.05))
+    for suffix, budget in (("", ""), ("_matched", " at matched compute")):  # each budget its own bar
+        names = [m + suffix for m in ("multistage_random", "multistage_given")]
+        staged = [methods[m]["avg"] for m in names if m in methods]
+        if cpi and staged:
+            rows.append((f"CPI-FT average >= best multi-stage average{budget} + 5", cpi["avg"] - max(staged) - 0.05))
     for baseline in ("multitask_matched", "lora_multitask_matched", "multitask_all_weights_matched"):
         if cpi and baseline in methods:
             rows.append((f"CPI-FT average >= {baseline} average", cpi["avg"] - methods[baseline]["avg"]))

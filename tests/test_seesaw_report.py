@@ -626,3 +626,13 @@ def test_a_variant_pools_over_sections_with_its_control_and_the_matched_baseline
     assert rows["| cpi_ft (element_p0.05)"].startswith("| cpi_ft (element_p0.05) | +15.0 | +0.0, +30.0 |")
     assert rows["| multitask_matched"].startswith("| multitask_matched | +15.0 | +10.0, +20.0 | [+10.0, +20.0] | yes")
     assert seesaw.variant_pooled_section({"x": sections["small-eval200@gemma3-270m"]}, "replay_p0.05") == []
+
+
+def test_the_multi_stage_goal_is_checked_at_each_budget_it_ran():
+    """The sets run multi-stage only at matched compute: the goal must read it there, not skip it."""
+    methods = {"cpi_ft": {"avg": 0.40}, "multistage_random": {"avg": 0.30}, "multistage_random_matched": {"avg": 0.37}}
+    text = "\n".join(seesaw.goals({"methods": methods}))
+    assert "| CPI-FT average >= best multi-stage average + 5 | +5.0 points | yes |" in text
+    assert "| CPI-FT average >= best multi-stage average at matched compute + 5 | -2.0 points | no |" in text
+    del methods["multistage_random"]
+    assert "multi-stage average + 5" not in "\n".join(seesaw.goals({"methods": methods}))
